@@ -1,0 +1,75 @@
+"""Linear regression y = W.x + b on scikit-learn's diabetes data, by distributed gradient descent.
+
+The seed's model: the 442 rows are split over all devices; each device computes the gradient
+of its rows' squared errors and the update uses the gradient of the mean over all 442 rows
+(padding rows weigh 0). With `train.batch_size=full` (the default) this is plain full-batch
+gradient descent and converges to the least-squares solution.
+
+Features are standardized (zero mean, unit variance: a linear change of variables, so the
+least-squares fit is the same); the target stays in its original units, so the loss is the
+mean squared error in those units. The final `eval` line is the MSE of the final
+parameters over all 442 rows.
+
+Command:   python -m jaxdist.run linear_regression
+Runtime:   about 5 s on a 2-core CPU (1 or 8 fake devices), most of it start-up.
+Result:    final MSE 2859.7, the numpy least-squares MSE (2859.70) to within 0.01%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.datasets import load_diabetes
+
+from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+
+
+@dataclass
+class LinearModelConfig:
+    """Initial parameters of the linear model."""
+
+    init_scale: float = 0.0  # std of the initial weights; 0 starts from W = 0, b = 0
+
+
+def config() -> Config:
+    """Full-batch gradient descent: 1000 steps at learning rate 0.2 (stable below 0.248)."""
+    return Config(
+        train=TrainConfig(steps=1000, batch_size=0, log_every=100),
+        optimizer=OptimizerConfig(name="sgd", learning_rate=0.2),
+        model=LinearModelConfig(),
+    )
+
+
+def load_data() -> dict[str, np.ndarray]:
+    """The diabetes rows: standardized float32 features `x` [442, 10], target `y` [442]."""
+    features, target = load_diabetes(return_X_y=True, scaled=False)
+    features = (features - features.mean(0)) / features.std(0)
+    return {"x": features.astype(np.float32), "y": target.astype(np.float32)}
+
+
+def predict(params: dict, x: jax.Array) -> jax.Array:
+    """Y = W.x + b for each row of `x`."""
+    return x @ params["w"] + params["b"]
+
+
+def loss_fn(params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Per-example squared error, with the absolute error as an extra metric."""
+    del rng  # the model has no randomness
+    error = predict(params, batch["x"]) - batch["y"]
+    return error**2, {"abs_error": jnp.abs(error)}
+
+
+def build(config: Config) -> Experiment:
+    """The linear model, its loss, and the diabetes rows (trained and evaluated on)."""
+    data = load_data()
+    num_features = data["x"].shape[1]
+    scale = config.model.init_scale
+
+    def init_params(rng: jax.Array) -> dict:
+        return {"w": scale * jax.random.normal(rng, (num_features,)), "b": jnp.zeros(())}
+
+    return Experiment(init_params=init_params, loss_fn=loss_fn, train_data=data,
+                      eval_data=data)

@@ -1,0 +1,187 @@
+"""Typed experiment configuration and `key=value` command-line overrides.
+
+A config is a tree of dataclasses. The core sections (`train`, `optimizer`, `parallel`) are
+defined here; an experiment may add its own dataclasses under `model` and `data`. Every leaf
+has a type annotation, and an override is parsed by that type, so `train.steps=abc` or
+`parallel.backend=gpu` is refused with a message that says what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jaxdist.errors import UserError
+
+# Field metadata key: words accepted in place of a value, e.g. {"full": 0} for batch_size.
+ALIASES = "aliases"
+
+
+@dataclass
+class TrainConfig:
+    """How long to train and how often to report."""
+
+    steps: int = 100
+    # Global batch over all devices; 0 (or "full") means the whole training set every step.
+    batch_size: int = field(default=0, metadata={ALIASES: {"full": 0}})
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class OptimizerConfig:
+    """Which optax transformation updates the parameters."""
+
+    name: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """How the per-device step is mapped over devices and how gradients are combined."""
+
+    backend: Literal["pmap", "shard_map"] = "pmap"
+    grad_reduce: Literal["mean", "sum"] = "mean"
+    # How many local devices to use; 0 (or "all") means every local device.
+    devices: int = field(default=0, metadata={ALIASES: {"all": 0}})
+
+
+@dataclass
+class Config:
+    """A whole experiment configuration: core sections plus the experiment's own."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: Any = None
+    data: Any = None
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Return the config as plain JSON-able nested dicts."""
+    return dataclasses.asdict(config)
+
+
+def to_json(config: Config) -> str:
+    """Return the config as indented JSON, the form saved to `config.json`."""
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def leaf_keys(config: Any, prefix: str = "") -> list[str]:
+    """List every overridable dotted key of a config tree, e.g. `train.steps`."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            keys.extend(leaf_keys(value, path + "."))
+        elif value is not None:
+            keys.append(path)
+    return keys
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Return a copy of `config` with each `key=value` override applied and validated."""
+    config = _deep_copy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not KEY=VALUE; write e.g. train.steps=200")
+        _set_leaf(config, key.strip(), raw.strip())
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check values that have a valid type but an impossible meaning."""
+    t, o, p = config.train, config.optimizer, config.parallel
+    checks = [
+        (t.steps > 0, f"train.steps={t.steps} must be > 0"),
+        (t.batch_size >= 0, f"train.batch_size={t.batch_size} must be > 0, or full"),
+        (t.log_every > 0, f"train.log_every={t.log_every} must be > 0"),
+        (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
+        (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _deep_copy(config: Any) -> Any:
+    if not dataclasses.is_dataclass(config):
+        return config
+    values = {f.name: _deep_copy(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **values)
+
+
+def _set_leaf(config: Config, key: str, raw: str) -> None:
+    node: Any = config
+    parts = key.split(".")
+    for depth, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(
+            node) else {}
+        if name not in fields:
+            raise UserError(_unknown_key_message(config, key))
+        f = fields[name]
+        value = getattr(node, name)
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(value):
+                raise UserError(f"{key} is a section; set one of its keys, e.g. "
+                                f"{leaf_keys(value, key + '.')[0]}=...")
+            hint = typing.get_type_hints(type(node))[name]
+            setattr(node, name, parse_value(key, raw, hint, f.metadata.get(ALIASES, {})))
+        else:
+            node = value
+
+
+def _unknown_key_message(config: Config, key: str) -> str:
+    known = leaf_keys(config)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def parse_value(key: str, raw: str, hint: Any, aliases: dict[str, Any] | None = None) -> Any:
+    """Parse the text `raw` given for `key` as a value of type `hint`."""
+    if aliases and raw.lower() in aliases:
+        return aliases[raw.lower()]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            raise UserError(f"{key}={raw} is not allowed; choose one of: {', '.join(choices)}")
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        return parse_value(key, raw, args[0], aliases)
+    alias_words = f" (or {', '.join(aliases)})" if aliases else ""
+    if hint is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key}={raw} is not a boolean; write true or false")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise UserError(f"{key}={raw} is not an integer; write e.g. {key}=100"
+                            f"{alias_words}") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise UserError(f"{key}={raw} is not a number; write e.g. {key}=0.1") from None
+    if hint is str:
+        return raw
+    raise UserError(f"{key} cannot be set from the command line (type {hint})")

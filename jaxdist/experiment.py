@@ -1,0 +1,46 @@
+"""What an experiment gives the trainer: parameters, a loss, and data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdist.step import EvalFn, LossFn
+
+PyTree = Any
+
+
+@dataclass
+class Experiment:
+    """The pieces of one experiment, built by its module's `build(config)`.
+
+    - `init_params(rng) -> params`: any pytree of arrays (flax, equinox or plain dicts).
+    - `loss_fn(params, batch, rng) -> (losses, aux)`: per-example losses `[b]` and a dict of
+      per-example metrics `[b]` on one device's slice of the batch.
+    - `train_data`: a dict of equal-length numpy arrays, one row per example.
+    - `eval_data`: the same for evaluation (optional); the final evaluation is logged with
+      `split: "eval"`.
+    - `eval_fn(params, batch) -> (losses, aux)`: the deterministic loss for evaluation;
+      by default `loss_fn` with a fixed key.
+    """
+
+    init_params: Callable[[jax.Array], PyTree]
+    loss_fn: LossFn
+    train_data: Mapping[str, np.ndarray]
+    eval_data: Mapping[str, np.ndarray] | None = None
+    eval_fn: EvalFn | None = None
+
+    def evaluation_fn(self) -> EvalFn:
+        """`eval_fn`, or `loss_fn` with a fixed key when none was given."""
+        if self.eval_fn is not None:
+            return self.eval_fn
+        loss_fn = self.loss_fn
+
+        def fixed_key_loss(params: PyTree, batch: dict) -> tuple[jax.Array, dict]:
+            return loss_fn(params, batch, jax.random.key(0))
+
+        return fixed_key_loss

@@ -1,0 +1,212 @@
+"""Devices, and the two ways of mapping one per-device step over them: pmap and shard_map.
+
+Both backends take the very same per-device function `step(state, batch)`, in which `state`
+is one device's copy of the replicated training state and `batch` is that device's slice of
+the global batch, with collectives over the axis named `batch`.
+
+- `PmapBackend`: `jax.pmap(step, axis_name="batch")`. Replicated values carry a leading axis
+  of length `num_devices`; a global batch `[B, ...]` is reshaped to `[devices, B/devices, ...]`.
+- `ShardMapBackend`: `jax.jit(jax.shard_map(step, mesh, in_specs=(P(), P("batch"))))` on a 1-D
+  mesh. Replicated values keep their own shape; a global batch `[B, ...]` is split along its
+  first axis.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.errors import UserError
+
+AXIS = "batch"
+
+PyTree = Any
+StepFn = Callable[[PyTree, PyTree], PyTree]
+
+
+def select_devices(count: int = 0) -> list[jax.Device]:
+    """Return the first `count` local devices, or all of them when `count` is 0."""
+    devices = jax.local_devices()
+    if count == 0:
+        return devices
+    if count > len(devices):
+        raise UserError(
+            f"parallel.devices={count} but only {len(devices)} "
+            f"{devices[0].platform} device(s) are available; use parallel.devices=all or <= "
+            f"{len(devices)}")
+    return devices[:count]
+
+
+def check_batch_split(batch_size: int, num_devices: int) -> None:
+    """Refuse a global batch that does not split evenly over the devices."""
+    if batch_size % num_devices:
+        lower = max(num_devices, batch_size - batch_size % num_devices)
+        raise UserError(
+            f"train.batch_size={batch_size} cannot be split over {num_devices} devices; "
+            f"use a multiple of {num_devices} (e.g. train.batch_size={lower}) or "
+            f"train.batch_size=full")
+
+
+class Backend:
+    """Places state and batches on devices and compiles per-device steps for them."""
+
+    name: str
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        self.devices = list(devices)
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+
+    @property
+    def num_devices(self) -> int:
+        """How many devices a global batch is split over."""
+        return len(self.devices)
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Put one copy of every leaf of `tree` on each device."""
+        raise NotImplementedError
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """Split a host batch (leaves `[B, ...]`) over the devices, `B / devices` rows each."""
+        raise NotImplementedError
+
+    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
+        """Map a per-device `step(state, batch) -> outputs` over the devices.
+
+        `state` is replicated, `batch` is split, and every output must be replicated (the
+        result of a `psum`/`pmean` or computed from replicated values only). With
+        `donate_state`, the state's buffers are reused for the outputs.
+        """
+        raise NotImplementedError
+
+    def device_copies(self, tree: PyTree) -> list[PyTree]:
+        """Return each device's own copy of a replicated tree, as numpy (for checks)."""
+        raise NotImplementedError
+
+    def first_copy(self, tree: PyTree) -> PyTree:
+        """Return one device's copy of a replicated tree as numpy, copying nothing else."""
+        raise NotImplementedError
+
+
+class PmapBackend(Backend):
+    """`jax.pmap` over the selected local devices."""
+
+    name = "pmap"
+
+    def _sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(AXIS))
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Stack one copy per device along a new leading axis and place copy i on device i."""
+        n = self.num_devices
+        sharding = self._sharding()
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
+
+        return jax.tree.map(put, tree)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """Reshape each `[B, ...]` leaf to `[devices, B / devices, ...]` and place it."""
+        n = self.num_devices
+        sharding = self._sharding()
+
+        def put(x):
+            x = np.asarray(x)
+            check_batch_split(x.shape[0], n)
+            return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding)
+
+        return jax.tree.map(put, batch)
+
+    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
+        """`jax.pmap` with axis name `batch`, donating the state buffers."""
+        return jax.pmap(step, axis_name=AXIS, devices=self.devices,
+                        donate_argnums=(0,) if donate_state else ())
+
+    def device_copies(self, tree: PyTree) -> list[PyTree]:
+        """Row i of every leaf is device i's copy."""
+        host = jax.device_get(tree)
+        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], host)
+                for i in range(self.num_devices)]
+
+    def first_copy(self, tree: PyTree) -> PyTree:
+        """Read only the first device's shard of every leaf."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+class ShardMapBackend(Backend):
+    """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected local devices."""
+
+    name = "shard_map"
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Place a full copy of every leaf on each device of the mesh."""
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """Split each `[B, ...]` leaf along its first axis over the mesh."""
+        sharding = NamedSharding(self.mesh, P(AXIS))
+
+        def put(x):
+            x = np.asarray(x)
+            check_batch_split(x.shape[0], self.num_devices)
+            return jax.device_put(x, sharding)
+
+        return jax.tree.map(put, batch)
+
+    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
+        """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch."""
+        # check_vma=False keeps the per-device function's meaning identical to pmap's: with
+        # replication checking on, jax.grad of replicated params over split data inserts an
+        # implicit psum, and the step's own psum would then count every gradient n times.
+        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=P(), check_vma=False)
+        return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
+    def device_copies(self, tree: PyTree) -> list[PyTree]:
+        """Shard i of every replicated leaf is device i's copy."""
+        return [jax.tree.map(lambda x, i=i: np.asarray(x.addressable_shards[i].data), tree)
+                for i in range(self.num_devices)]
+
+    def first_copy(self, tree: PyTree) -> PyTree:
+        """Read only the first device's copy of every leaf."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+
+BACKENDS: dict[str, type[Backend]] = {"pmap": PmapBackend, "shard_map": ShardMapBackend}
+
+
+def make_backend(name: str, num_devices: int = 0) -> Backend:
+    """Build the backend called `name` (`pmap` or `shard_map`) over `num_devices` devices."""
+    if name not in BACKENDS:
+        raise UserError(f"parallel.backend={name} is unknown; choose one of: "
+                        f"{', '.join(BACKENDS)}")
+    return BACKENDS[name](select_devices(num_devices))
+
+
+class InFlightLimit:
+    """Lets at most `limit` dispatched steps run ahead of the host.
+
+    JAX dispatches asynchronously, so a Python loop can queue hundreds of steps. Besides
+    holding their buffers, that deadlocks XLA's CPU collectives (seen with jax 0.10.2 and
+    8 CPU devices: an all-reduce waits forever for its 8th participant). Waiting for the
+    output of step t - limit before dispatching step t keeps the devices busy (the next
+    steps are already queued) without the runaway queue.
+    """
+
+    def __init__(self, limit: int = 2):
+        self.limit = limit
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, outputs: PyTree) -> None:
+        """Register a dispatched step's outputs; wait if too many are still running."""
+        self._pending.append(outputs)
+        while len(self._pending) > self.limit:
+            jax.block_until_ready(self._pending.popleft())

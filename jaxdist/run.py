@@ -1,0 +1,107 @@
+"""The command line: `python -m jaxdist.run EXPERIMENT [--workdir DIR] [KEY=VALUE ...]`.
+
+Exit status: 0 on success, 2 on bad input (with one line on stderr naming the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from jaxdist.errors import UserError
+
+USAGE_EXIT = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see python -m jaxdist.run --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments."""
+    parser = _OneLineParser(
+        prog="python -m jaxdist.run",
+        description="Train a jaxdist experiment on every local device.",
+        epilog="Overrides are KEY=VALUE pairs, e.g. train.steps=500 optimizer.learning_rate=0.1 "
+               "parallel.backend=shard_map parallel.devices=1. The resolved config is saved to "
+               "WORKDIR/config.json and the logged metrics to WORKDIR/metrics.jsonl.")
+    parser.add_argument("experiment", nargs="?",
+                        help="a name from --list, or the path of an experiment .py file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--workdir", type=Path,
+                        help="where to write config.json and metrics.jsonl "
+                             "(default: a new folder under runs/)")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="on a CPU-only machine, split the CPU into N devices "
+                             "(the tests use 8)")
+    return parser
+
+
+def default_workdir(experiment: str) -> Path:
+    """A fresh folder name under `runs/`: the experiment and the start time."""
+    stem = Path(experiment).stem
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, suffix = base, 1
+    while path.exists():
+        suffix += 1
+        path = base.with_name(f"{base.name}-{suffix}")
+    return path
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a workdir that already holds a run, so that no logged work is overwritten."""
+    if (workdir / "metrics.jsonl").exists():
+        raise UserError(f"--workdir {workdir} already holds a run (metrics.jsonl); choose a "
+                        f"new --workdir or remove that folder")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the experiment, and return the exit status."""
+    args = build_parser().parse_intermixed_args(argv)
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            raise UserError(f"--cpu-devices {args.cpu_devices} must be >= 1")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+    from jaxdist.config import apply_overrides
+    from jaxdist.discovery import list_experiments, load_experiment
+
+    if args.list:
+        for name, summary in list_experiments().items():
+            print(f"{name:24s} {summary}")
+        return 0
+    if not args.experiment:
+        raise UserError("name an experiment, e.g. python -m jaxdist.run linear_regression "
+                        "(python -m jaxdist.run --list shows them)")
+    module = load_experiment(args.experiment)
+    config = apply_overrides(module.config(), args.overrides)
+    workdir = args.workdir or default_workdir(args.experiment)
+    check_workdir(workdir)
+
+    from jaxdist.train import fit
+
+    fit(module.build(config), config, workdir)
+    print(f"workdir: {workdir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, turning bad input into one line on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
