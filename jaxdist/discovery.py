@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -57,7 +58,9 @@ def _load_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise UserError(f"experiment file {path} does not exist; give a path to a .py file "
                         f"or a name from python -m jaxdist.run --list")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    name = f"jaxdist_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it is executed
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,148 @@
+"""Steps/s of the jaxdist train step vs a minimal hand-written jax.pmap loop, same work.
+
+Both sides train the same MLP with the same optax Adam on the same batch, already placed on
+the devices. The hand-written side is the textbook loop: `value_and_grad` of the mean loss,
+`pmean` of the gradients, `tx.update`, donated buffers. The jaxdist side is what `fit` runs
+per step: the weighted-sum step with exact global means, a per-device RNG, summed metrics
+kept on the devices and read back once per window.
+
+Both loops let at most 2 steps run ahead of the host (`jaxdist.parallel.InFlightLimit`);
+without that bound, XLA's CPU collectives deadlock on 8 fake devices (jax 0.10.2).
+
+Each round runs every side for the same number of steps, in a shuffled order; the ratio
+to the hand-written loop is taken within each round (so machine drift cancels) and its
+median over the rounds is printed. Run:
+
+    python scripts/bench_step.py              # 8 fake CPU devices on a CPU-only machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+BASELINE = "hand-written pmap"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-devices", type=int, default=8,
+                        help="fake CPU devices when no accelerator is present")
+    parser.add_argument("--windows", type=int, default=21, help="rounds")
+    parser.add_argument("--steps", type=int, default=20, help="steps per side per round")
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=1024)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxdist import make_backend, make_train_step
+    from jaxdist.metrics import MetricWindow
+    from jaxdist.parallel import InFlightLimit
+    from jaxdist.step import TrainState
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, args.features)).astype(np.float32)
+    y = rng.integers(0, 10, size=args.batch).astype(np.int32)
+    sizes = [args.features, args.hidden, args.hidden, 10]
+    keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
+    params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+              for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+    tx = optax.adam(1e-4)
+
+    def logits_fn(params, x):
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    def per_example_loss(params, batch, rng):
+        logits = logits_fn(params, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), {}
+
+    # --- the hand-written pmap loop ------------------------------------------------------
+    def hand_step(params, opt_state, x, y):
+        def mean_loss(params):
+            logits = logits_fn(params, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(mean_loss)(params)
+        grads = jax.lax.pmean(grads, "batch")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, "batch")
+
+    backend = make_backend("pmap")
+    n = backend.num_devices
+    hand = jax.pmap(hand_step, axis_name="batch", donate_argnums=(0, 1))
+    hand_params = backend.replicate(params)
+    hand_opt = backend.replicate(tx.init(params))
+    hand_x, hand_y = backend.put_batch(x), backend.put_batch(y)
+
+    def run_hand(steps: int) -> float:
+        nonlocal hand_params, hand_opt
+        in_flight = InFlightLimit()
+        start = time.perf_counter()
+        for _ in range(steps):
+            hand_params, hand_opt, loss = hand(hand_params, hand_opt, hand_x, hand_y)
+            in_flight.add(loss)
+        float(np.asarray(loss.addressable_shards[0].data)[0])
+        return steps / (time.perf_counter() - start)
+
+    # --- the jaxdist step, per backend ---------------------------------------------------
+    def jaxdist_runner(name: str):
+        backend = make_backend(name)
+        step = backend.compile(make_train_step(per_example_loss, tx))
+        state = backend.replicate(TrainState.create(params, tx, jax.random.key(1)))
+        batch = backend.put_batch({"x": x, "y": y, "weight": np.ones(args.batch, np.float32)})
+
+        def run(steps: int) -> float:
+            nonlocal state
+            window, in_flight = MetricWindow(), InFlightLimit()
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, sums = step(state, batch)
+                window.add(sums)
+                in_flight.add(sums)
+            window.summarize(backend)
+            return steps / (time.perf_counter() - start)
+
+        return run
+
+    sides = {BASELINE: run_hand, "jaxdist pmap": jaxdist_runner("pmap"),
+             "jaxdist shard_map": jaxdist_runner("shard_map")}
+    for run in sides.values():  # compile and warm up
+        run(5)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    ratios: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    shuffler = random.Random(0)
+    for _ in range(args.windows):
+        shuffler.shuffle(order)  # no side always runs first (or right after another)
+        this_round = {name: sides[name](args.steps) for name in order}
+        for name, rate in this_round.items():
+            rates[name].append(rate)
+            ratios[name].append(rate / this_round[BASELINE])
+
+    device = jax.devices()[0]
+    print(f"devices: {n} x {device.platform} ({device.device_kind}); MLP {sizes}, "
+          f"global batch {args.batch}; {args.windows} rounds x {args.steps} steps per side")
+    print(f"{'loop':20s} {'median steps/s':>15s} {'min':>8s} {'max':>8s} "
+          f"{'ratio (median of rounds)':>25s}")
+    for name, values in rates.items():
+        q1, _, q3 = statistics.quantiles(ratios[name], n=4)
+        print(f"{name:20s} {statistics.median(values):15.1f} {min(values):8.1f} "
+              f"{max(values):8.1f} {statistics.median(ratios[name]):10.3f} "
+              f"(IQR {q1:.3f}-{q3:.3f})")
+
+if __name__ == "__main__":
+    main()
