@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxdist.parallel import Backend
-from jaxdist.step import WEIGHT_SUM
+from jaxdist.step import LOSS_SUM, WEIGHT_SUM
 
 
 class MetricWindow:
@@ -48,7 +48,8 @@ class MetricWindow:
         self._steps = []
         self._started = time.perf_counter()
         weight = totals.pop(WEIGHT_SUM, 0.0)
-        means = {name: total / weight if weight else math.nan for name, total in totals.items()}
+        names = sorted(totals, key=lambda name: (name != LOSS_SUM, name))  # the loss first
+        means = {name: totals[name] / weight if weight else math.nan for name in names}
         means["examples"] = weight
         means["steps_per_sec"] = steps / elapsed if elapsed > 0 else math.nan
         return means
