@@ -54,12 +54,27 @@ class ParallelConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """How training examples are ordered and fed to the devices."""
+
+    shuffle: bool = True
+    # Skip the incomplete last batch of an epoch; false pads it with weight-0 rows instead.
+    drop_remainder: bool = True
+    # balanced: draw examples with replacement so that every class (by label_key) is equally
+    # likely; uniform: every example once per epoch.
+    sampling: Literal["uniform", "balanced"] = "uniform"
+    label_key: str = "label"
+    prefetch: int = 2  # batches kept placed on the devices ahead of the step
+
+
+@dataclass
 class Config:
     """A whole experiment configuration: core sections plus the experiment's own."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: Any = None
     data: Any = None
 
@@ -101,13 +116,14 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 def validate(config: Config) -> None:
     """Check values that have a valid type but an impossible meaning."""
-    t, o, p = config.train, config.optimizer, config.parallel
+    t, o, p, d = config.train, config.optimizer, config.parallel, config.loader
     checks = [
         (t.steps > 0, f"train.steps={t.steps} must be > 0"),
         (t.batch_size >= 0, f"train.batch_size={t.batch_size} must be > 0, or full"),
         (t.log_every > 0, f"train.log_every={t.log_every} must be > 0"),
         (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
         (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
+        (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

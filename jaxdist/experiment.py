@@ -21,7 +21,9 @@ class Experiment:
     - `init_params(rng) -> params`: any pytree of arrays (flax, equinox or plain dicts).
     - `loss_fn(params, batch, rng) -> (losses, aux)`: per-example losses `[b]` and a dict of
       per-example metrics `[b]` on one device's slice of the batch.
-    - `train_data`: a dict of equal-length numpy arrays, one row per example.
+    - `train_data`: a dict of equal-length numpy arrays (one row per example), a
+      `jaxdist.data` source (e.g. `NpyFolderSource`), or any map-style data set whose items
+      are dicts of arrays.
     - `eval_data`: the same for evaluation (optional); the final evaluation is logged with
       `split: "eval"`.
     - `eval_fn(params, batch) -> (losses, aux)`: the deterministic loss for evaluation;
@@ -30,8 +32,8 @@ class Experiment:
 
     init_params: Callable[[jax.Array], PyTree]
     loss_fn: LossFn
-    train_data: Mapping[str, np.ndarray]
-    eval_data: Mapping[str, np.ndarray] | None = None
+    train_data: Mapping[str, np.ndarray] | Any
+    eval_data: Mapping[str, np.ndarray] | Any | None = None
     eval_fn: EvalFn | None = None
 
     def evaluation_fn(self) -> EvalFn:

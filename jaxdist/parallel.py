@@ -43,14 +43,11 @@ def select_devices(count: int = 0) -> list[jax.Device]:
     return devices[:count]
 
 
-def check_batch_split(batch_size: int, num_devices: int) -> None:
-    """Refuse a global batch that does not split evenly over the devices."""
-    if batch_size % num_devices:
-        lower = max(num_devices, batch_size - batch_size % num_devices)
-        raise UserError(
-            f"train.batch_size={batch_size} cannot be split over {num_devices} devices; "
-            f"use a multiple of {num_devices} (e.g. train.batch_size={lower}) or "
-            f"train.batch_size=full")
+def split_leading_axis(x: np.ndarray, parts: int) -> np.ndarray:
+    """Reshape `[B, ...]` to `[parts, B / parts, ...]`."""
+    if x.shape[0] % parts:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot be split over {parts} devices")
+    return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
 
 
 class Backend:
@@ -117,12 +114,8 @@ class PmapBackend(Backend):
         n = self.num_devices
         sharding = self._sharding()
 
-        def put(x):
-            x = np.asarray(x)
-            check_batch_split(x.shape[0], n)
-            return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding)
-
-        return jax.tree.map(put, batch)
+        return jax.tree.map(
+            lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
 
     def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
         """`jax.pmap` with axis name `batch`, donating the state buffers."""
@@ -156,7 +149,7 @@ class ShardMapBackend(Backend):
 
         def put(x):
             x = np.asarray(x)
-            check_batch_split(x.shape[0], self.num_devices)
+            split_leading_axis(x, self.num_devices)  # only to check the size
             return jax.device_put(x, sharding)
 
         return jax.tree.map(put, batch)

@@ -7,16 +7,21 @@ the CLI (`jaxdist.run`).
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 
 from jaxdist.config import Config, to_json
-from jaxdist.data import ArrayBatches, eval_batches, prefetch_to_devices
+from jaxdist.data import (
+    DevicePrefetcher,
+    Loader,
+    as_source,
+    class_balanced_probabilities,
+    column,
+    eval_batches,
+)
 from jaxdist.experiment import Experiment
 from jaxdist.metrics import MetricsLogger, MetricWindow
 from jaxdist.optimizers import build_optimizer
@@ -33,6 +38,7 @@ class TrainResult:
     state: TrainState  # replicated on the backend's devices
     backend: Backend
     records: list[dict[str, Any]]
+    loader_state: dict[str, int]  # the loader's position after the last step
 
     @property
     def params(self) -> PyTree:
@@ -44,12 +50,23 @@ class TrainResult:
         return [r for r in self.records if r["split"] == split][-1]
 
 
+def make_loader(data: Any, config: Config, local_devices: int) -> Loader:
+    """The training loader for this process, as `config.train` and `config.loader` say."""
+    source = as_source(data, "training data")
+    probabilities = None
+    if config.loader.sampling == "balanced":
+        probabilities = class_balanced_probabilities(column(source, config.loader.label_key))
+    return Loader(source, config.train.batch_size, local_devices, seed=config.train.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  shuffle=config.loader.shuffle, drop_remainder=config.loader.drop_remainder,
+                  probabilities=probabilities)
+
+
 def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         stream: TextIO | None = sys.stdout) -> TrainResult:
     """Train `experiment` as `config` says; log to `workdir` (if given) and `stream`."""
     backend = make_backend(config.parallel.backend, config.parallel.devices)
-    batches = ArrayBatches(experiment.train_data, config.train.batch_size,
-                           backend.num_devices, seed=config.train.seed)
+    loader = make_loader(experiment.train_data, config, backend.num_devices)
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -64,13 +81,14 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         make_train_step(experiment.loss_fn, tx, config.parallel.grad_reduce))
 
     window, in_flight = MetricWindow(), InFlightLimit()
-    device_batches = prefetch_to_devices(batches, backend.put_batch)
-    for step in range(1, config.train.steps + 1):
-        state, sums = train_step(state, next(device_batches))
-        window.add(sums)
-        in_flight.add(sums)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            logger.log(step, "train", window.summarize(backend))
+    with DevicePrefetcher(loader, backend.put_batch, config.loader.prefetch) as batches:
+        for step in range(1, config.train.steps + 1):
+            state, sums = train_step(state, next(batches))
+            window.add(sums)
+            in_flight.add(sums)
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                logger.log(step, "train", window.summarize(backend))
+        loader_state = batches.state()
 
     if experiment.eval_data is not None:
         eval_step = backend.compile(make_eval_step(experiment.evaluation_fn()),
@@ -78,18 +96,22 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         values = evaluate(backend, eval_step, state.params, experiment.eval_data,
                           config.train.batch_size)
         logger.log(config.train.steps, "eval", values)
-    return TrainResult(state=state, backend=backend, records=logger.records)
+    return TrainResult(state=state, backend=backend, records=logger.records,
+                       loader_state=loader_state)
 
 
-def evaluate(backend: Backend, eval_step: Any, params: PyTree,
-             data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
+def evaluate(backend: Backend, eval_step: Any, params: PyTree, data: Any,
+             batch_size: int) -> dict[str, float]:
     """Exact weighted means of the loss and aux metrics over one pass of `data`."""
     window, in_flight = MetricWindow(), InFlightLimit()
-    batches = eval_batches(data, batch_size, backend.num_devices)
-    for batch in prefetch_to_devices(batches, backend.put_batch):
-        sums = eval_step(params, batch)
-        window.add(sums)
-        in_flight.add(sums)
+    batches = eval_batches(data, batch_size, backend.num_devices,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    with DevicePrefetcher(batches, backend.put_batch) as device_batches:
+        for batch in device_batches:
+            sums = eval_step(params, batch)
+            window.add(sums)
+            in_flight.add(sums)
     values = window.summarize(backend)
     values.pop("steps_per_sec")
     return values

@@ -1,6 +1,37 @@
-"""Host-side data: batches of examples with weights, and their trip to the devices."""
+"""Host-side data: sources, the sharded loader, and prefetching onto the devices."""
 
-from jaxdist.data.batches import ArrayBatches, eval_batches, validate_arrays
-from jaxdist.data.prefetch import prefetch_to_devices
+from jaxdist.data.loader import (
+    Loader,
+    check_split,
+    class_balanced_probabilities,
+    epoch_order,
+    eval_batches,
+)
+from jaxdist.data.prefetch import DevicePrefetcher
+from jaxdist.data.sources import (
+    ArraySource,
+    MapSource,
+    NpyFolderSource,
+    Source,
+    as_source,
+    column,
+    validate_arrays,
+    write_shards,
+)
 
-__all__ = ["ArrayBatches", "eval_batches", "prefetch_to_devices", "validate_arrays"]
+__all__ = [
+    "ArraySource",
+    "DevicePrefetcher",
+    "Loader",
+    "MapSource",
+    "NpyFolderSource",
+    "Source",
+    "as_source",
+    "column",
+    "check_split",
+    "class_balanced_probabilities",
+    "epoch_order",
+    "eval_batches",
+    "validate_arrays",
+    "write_shards",
+]
