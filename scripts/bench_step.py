@@ -19,9 +19,9 @@ median over the rounds is printed. Run:
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import time
+
+from benchlib import compare_in_rounds
 
 BASELINE = "hand-written pmap"
 
@@ -120,29 +120,10 @@ def main() -> None:
 
     sides = {BASELINE: run_hand, "jaxdist pmap": jaxdist_runner("pmap"),
              "jaxdist shard_map": jaxdist_runner("shard_map")}
-    for run in sides.values():  # compile and warm up
-        run(5)
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    ratios: dict[str, list[float]] = {name: [] for name in sides}
-    order = list(sides)
-    shuffler = random.Random(0)
-    for _ in range(args.windows):
-        shuffler.shuffle(order)  # no side always runs first (or right after another)
-        this_round = {name: sides[name](args.steps) for name in order}
-        for name, rate in this_round.items():
-            rates[name].append(rate)
-            ratios[name].append(rate / this_round[BASELINE])
-
     device = jax.devices()[0]
     print(f"devices: {n} x {device.platform} ({device.device_kind}); MLP {sizes}, "
           f"global batch {args.batch}; {args.windows} rounds x {args.steps} steps per side")
-    print(f"{'loop':20s} {'median steps/s':>15s} {'min':>8s} {'max':>8s} "
-          f"{'ratio (median of rounds)':>25s}")
-    for name, values in rates.items():
-        q1, _, q3 = statistics.quantiles(ratios[name], n=4)
-        print(f"{name:20s} {statistics.median(values):15.1f} {min(values):8.1f} "
-              f"{max(values):8.1f} {statistics.median(ratios[name]):10.3f} "
-              f"(IQR {q1:.3f}-{q3:.3f})")
+    compare_in_rounds(sides, BASELINE, args.windows, args.steps)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,38 @@
+"""Shared by the benchmarks: paired rounds in shuffled order, medians and ratios."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable
+
+
+def compare_in_rounds(sides: dict[str, Callable[[int], float]], baseline: str, rounds: int,
+                      steps: int, unit: str = "steps/s") -> None:
+    """Run every side for `steps` steps per round, in a shuffled order, and print a table.
+
+    Each side returns its rate (per second) for the steps it ran. The ratio of each rate to
+    the `baseline`'s is taken within each round, so drift of a noisy machine cancels; the
+    table shows its median and IQR, and the time ratio (its inverse: time per step
+    relative to the baseline).
+    """
+    for run in sides.values():  # compile and warm up
+        run(max(steps // 4, 2))
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    ratios: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    shuffler = random.Random(0)
+    for _ in range(rounds):
+        shuffler.shuffle(order)  # no side always runs first, or right after the same one
+        this_round = {name: sides[name](steps) for name in order}
+        for name, rate in this_round.items():
+            rates[name].append(rate)
+            ratios[name].append(rate / this_round[baseline])
+    print(f"rate ratio and time ratio to '{baseline}': medians over {rounds} rounds")
+    print(f"{'side':30s} {'median ' + unit:>20s} {'min':>10s} {'max':>10s} "
+          f"{'rate ratio (IQR)':>24s} {'time ratio':>11s}")
+    for name, values in rates.items():
+        q1, median, q3 = statistics.quantiles(ratios[name], n=4)
+        median = statistics.median(ratios[name])
+        print(f"{name:30s} {statistics.median(values):20.1f} {min(values):10.1f} "
+              f"{max(values):10.1f} {median:9.3f} ({q1:.3f}-{q3:.3f}) {1 / median:11.3f}")
