@@ -13,6 +13,7 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,14 +24,31 @@ ALIASES = "aliases"
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when an evaluation metric has not improved for `patience` evaluations."""
+
+    patience: int = 0  # 0 turns early stopping off
+    metric: str = "loss"  # a key of the eval split's logged metrics
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0  # smaller improvements do not count
+
+
+@dataclass
 class TrainConfig:
-    """How long to train and how often to report."""
+    """How long to train, and how often to report, evaluate and save."""
 
     steps: int = 100
     # Global batch over all devices; 0 (or "full") means the whole training set every step.
     batch_size: int = field(default=0, metadata={ALIASES: {"full": 0}})
     seed: int = 0
     log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 1000  # a checkpoint is also saved at the end and on preemption
+    # A step whose global gradient is not finite is skipped on every device; this many in a
+    # row stop the run with an error (0 never stops it).
+    max_nonfinite: int = 10
+    skip_nonfinite: bool = True
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -68,6 +86,15 @@ class LoaderConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Which checkpoints are kept."""
+
+    keep: int = 3  # the most recent ones kept, besides the best
+    best_metric: str = "loss"  # eval metric that picks the best checkpoint; "" for none
+    best_mode: Literal["min", "max"] = "min"
+
+
+@dataclass
 class Config:
     """A whole experiment configuration: core sections plus the experiment's own."""
 
@@ -75,6 +102,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: Any = None
     data: Any = None
 
@@ -124,10 +152,49 @@ def validate(config: Config) -> None:
         (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
         (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
         (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
+        (t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0"),
+        (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0"),
+        (t.max_nonfinite >= 0, f"train.max_nonfinite={t.max_nonfinite} must be >= 0"),
+        (t.early_stopping.patience >= 0,
+         f"train.early_stopping.patience={t.early_stopping.patience} must be >= 0"),
+        (config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+# Keys that only change how long a run goes, how often it logs, evaluates or saves, or where
+# it runs: a run may resume from a checkpoint written with other values of these.
+RESUMABLE_KEYS = (
+    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.max_nonfinite", "train.early_stopping.", "checkpoint.", "parallel.backend",
+    "parallel.devices", "loader.prefetch",
+)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to one dict of dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: Config) -> list[str]:
+    """The keys, with both values, where `current` may not differ from a saved config."""
+    old, new = flatten(saved), flatten(to_dict(current))
+    conflicts = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS:
+            continue
+        if old.get(key, "(absent)") != new.get(key, "(absent)"):
+            conflicts.append(f"{key}={old.get(key, '(absent)')} there, "
+                             f"{new.get(key, '(absent)')} now")
+    return conflicts
 
 
 def _deep_copy(config: Any) -> Any:

@@ -1,4 +1,8 @@
-"""Metrics: summed on the devices every step, read back only when they are logged."""
+"""Metrics: summed on the devices every step, read back only when they are logged.
+
+`MetricWindow` holds the per-step sums between two log points; `MetricsLogger` writes the
+logged points to `metrics.jsonl`, TensorBoard event files and the console.
+"""
 
 from __future__ import annotations
 
@@ -10,65 +14,117 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 
 from jaxdist.parallel import Backend
-from jaxdist.step import LOSS_SUM, WEIGHT_SUM
+from jaxdist.progress import Progress
+from jaxdist.step import LOSS_SUM, NONFINITE, WEIGHT_SUM
+
+METRICS_FILE = "metrics.jsonl"
+# Values that vary from run to run on the same inputs: shown on the console and in
+# TensorBoard only, so that metrics.jsonl is a reproducible record.
+TIMING_KEYS = ("steps_per_sec", "examples_per_sec")
 
 
 class MetricWindow:
-    """Collects the per-step summed metrics (still on the devices) between two log points.
+    """Per-step summed metrics between two log points.
 
     Holding a reference to a device array does not wait for it, so steps keep being
-    dispatched; `summarize` is the only place that waits and copies to the host.
+    dispatched; `sync` (called at log and checkpoint points) is the only place that waits
+    and copies to the host. Host totals are added up in step order, so a window restored
+    from a checkpoint ends with the very same floats as an uninterrupted one.
     """
 
     def __init__(self) -> None:
-        self._steps: list[dict[str, jax.Array]] = []
+        self._pending: list[dict[str, jax.Array]] = []
+        self.totals: dict[str, float] = {}
+        self.steps = 0
         self._started = time.perf_counter()
 
     def add(self, sums: dict[str, jax.Array]) -> None:
-        """Remember one step's summed metrics."""
-        self._steps.append(sums)
+        """Remember one step's summed metrics (still on the devices)."""
+        self._pending.append(sums)
 
-    def __len__(self) -> int:
-        return len(self._steps)
+    def sync(self, backend: Backend) -> list[dict[str, float]]:
+        """Copy the pending steps to the host, add them up, and return them in order."""
+        rows = [{name: float(value) for name, value in sums.items()}
+                for sums in backend.first_copy(self._pending)]
+        self._pending = []
+        for row in rows:
+            for name, value in row.items():
+                self.totals[name] = self.totals.get(name, 0.0) + value
+        self.steps += len(rows)
+        return rows
 
     def summarize(self, backend: Backend) -> dict[str, float]:
-        """Return exact weighted means over the window, plus `examples` and `steps_per_sec`.
-
-        Resets the window.
-        """
-        totals: dict[str, float] = {}
-        for sums in backend.first_copy(self._steps):
-            for name, value in sums.items():
-                totals[name] = totals.get(name, 0.0) + float(np.asarray(value, np.float64))
+        """Exact weighted means over the window, plus counts and rates; resets the window."""
+        self.sync(backend)
+        totals = dict(self.totals)
         elapsed = time.perf_counter() - self._started
-        steps = len(self._steps)
-        self._steps = []
-        self._started = time.perf_counter()
         weight = totals.pop(WEIGHT_SUM, 0.0)
+        nonfinite = totals.pop(NONFINITE, None)
         names = sorted(totals, key=lambda name: (name != LOSS_SUM, name))  # the loss first
-        means = {name: totals[name] / weight if weight else math.nan for name in names}
-        means["examples"] = weight
-        means["steps_per_sec"] = steps / elapsed if elapsed > 0 else math.nan
-        return means
+        values = {name: totals[name] / weight if weight else math.nan for name in names}
+        values["examples"] = weight
+        if nonfinite is not None:
+            values[NONFINITE] = nonfinite
+        values["steps_per_sec"] = self.steps / elapsed if elapsed > 0 else math.nan
+        values["examples_per_sec"] = weight / elapsed if elapsed > 0 else math.nan
+        self.totals, self.steps, self._started = {}, 0, time.perf_counter()
+        return values
 
+    def state(self) -> dict[str, Any]:
+        """The partial sums of the window so far (call `sync` first), for a checkpoint."""
+        return {"totals": dict(self.totals), "steps": self.steps}
 
-# Values that vary from run to run on the same inputs: shown on the console only, so that
-# metrics.jsonl is a reproducible record.
-TIMING_KEYS = ("steps_per_sec",)
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue a window from `state()`."""
+        self.totals, self.steps = dict(state["totals"]), int(state["steps"])
 
 
 class MetricsLogger:
-    """Writes logged points to `metrics.jsonl` (when given a workdir) and to the console."""
+    """Writes logged points to `metrics.jsonl` and TensorBoard (with a workdir) and the console.
+
+    On a terminal the console shows a live progress line (step/total, loss, steps/s,
+    examples/s, ETA) with the logged points printed above it; elsewhere, one plain line
+    per logged point.
+    """
 
     def __init__(self, workdir: Path | None = None, stream: TextIO | None = sys.stdout,
-                 total_steps: int | None = None):
-        self.path = Path(workdir) / "metrics.jsonl" if workdir is not None else None
+                 total_steps: int | None = None, tensorboard: bool = True):
+        self.path = Path(workdir) / METRICS_FILE if workdir is not None else None
         self.stream = stream
         self.total_steps = total_steps
         self.records: list[dict[str, Any]] = []
+        self.progress: Progress | None = None
+        self._tensorboard = None
+        if workdir is not None and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def resume_at(self, step: int) -> None:
+        """Keep the logged points up to `step` (and no torn line); later ones will be redone."""
+        kept = []
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if record.get("step", math.inf) <= step:
+                    kept.append(record)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
+
+    def start_progress(self, initial: int) -> None:
+        """Show the live progress line (only on a terminal)."""
+        if self.stream is not None and self.total_steps:
+            self.progress = Progress.if_terminal(self.stream, self.total_steps, initial)
+
+    def advance(self) -> None:
+        """One more step done."""
+        if self.progress is not None:
+            self.progress.advance()
 
     def log(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
         """Record one point: `{"step": step, "split": split, **values}` minus timing."""
@@ -78,19 +134,46 @@ class MetricsLogger:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if self.stream is not None:
-            self.stream.write(self._format(step, split, values) + "\n")
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+            self._tensorboard.flush()
+        line = self._format(step, split, values)
+        if self.progress is not None:
+            self.progress.show(line, values)
+        elif self.stream is not None:
+            self.stream.write(line + "\n")
             self.stream.flush()
         return record
+
+    def say(self, line: str) -> None:
+        """Print one line of news on the console."""
+        if self.progress is not None:
+            self.progress.write(line)
+        elif self.stream is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Finish the progress line and the event file."""
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def _format(self, step: int, split: str, values: dict[str, float]) -> str:
         where = f"{step}/{self.total_steps}" if self.total_steps else str(step)
         parts = [f"{split:5s} step {where}"]
         for name, value in values.items():
-            if name == "examples":
-                parts.append(f"examples {int(value)}")
+            if name == "examples" or name == NONFINITE:
+                if name == "examples" or value:
+                    parts.append(f"{name} {int(value)}")
             elif name == "steps_per_sec":
                 parts.append(f"{value:.1f} steps/s")
+            elif name == "examples_per_sec":
+                parts.append(f"{value:.0f} examples/s")
             else:
                 parts.append(f"{name} {value:.6g}")
         return "  ".join(parts)

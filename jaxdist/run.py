@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config overrides")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--workdir", type=Path,
-                        help="where to write config.json and metrics.jsonl "
+                        help="where to write config.json, metrics.jsonl and checkpoints; a "
+                             "workdir that holds a checkpoint is resumed "
                              "(default: a new folder under runs/)")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="on a CPU-only machine, split the CPU into N devices "
@@ -53,13 +54,6 @@ def default_workdir(experiment: str) -> Path:
         suffix += 1
         path = base.with_name(f"{base.name}-{suffix}")
     return path
-
-
-def check_workdir(workdir: Path) -> None:
-    """Refuse a workdir that already holds a run, so that no logged work is overwritten."""
-    if (workdir / "metrics.jsonl").exists():
-        raise UserError(f"--workdir {workdir} already holds a run (metrics.jsonl); choose a "
-                        f"new --workdir or remove that folder")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -85,12 +79,18 @@ def run(argv: list[str] | None = None) -> int:
     module = load_experiment(args.experiment)
     config = apply_overrides(module.config(), args.overrides)
     workdir = args.workdir or default_workdir(args.experiment)
-    check_workdir(workdir)
 
     from jaxdist.train import fit
 
-    fit(module.build(config), config, workdir)
-    print(f"workdir: {workdir}")
+    result = fit(module.build(config), config, workdir)
+    if result.stop_reason == "preempted":
+        print(f"{result.signal_name}: stopped at step {result.step} and saved "
+              f"{result.checkpoint}; run the same command to resume")
+    elif result.stop_reason == "already_complete":
+        print(f"{workdir} already holds this run up to step {result.step}; raise "
+              f"train.steps to continue it")
+    else:
+        print(f"workdir: {workdir}")
     return 0
 
 

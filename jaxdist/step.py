@@ -34,6 +34,7 @@ EvalFn = Callable[[PyTree, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 # Keys of the summed metrics that every step returns besides the loss function's aux.
 LOSS_SUM = "loss"
 WEIGHT_SUM = "weight"
+NONFINITE = "nonfinite_steps"  # 1 for a step skipped because its loss or gradient was not finite
 
 
 class TrainState(NamedTuple):
@@ -79,13 +80,18 @@ def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    grad_reduce: Literal["mean", "sum"] = "mean"
+                    grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
     The returned metrics are sums over all devices (`loss`, `weight` and each aux name);
     divide by `weight` for the exact mean. Map the step with a backend from
     `jaxdist.parallel`.
+
+    With `skip_nonfinite`, a step whose global loss or gradient holds a NaN or inf changes
+    neither the params nor the optimizer state, on every device alike (the test is made on
+    the all-reduced values, which every device shares); its metric sums are zeroed and
+    `nonfinite_steps` is 1.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
@@ -111,11 +117,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                 jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums), AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            finite = _all_finite((totals[LOSS_SUM], grads))
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state),
+                                             (state.params, state.opt_state))
+            totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
+            totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng)
         return new_state, totals
 
     return train_step
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
 
 
 def make_eval_step(eval_fn: EvalFn) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:

@@ -1,11 +1,13 @@
-"""The training loop: data -> step -> metrics -> evaluation.
+"""The training loop: data -> step -> metrics -> evaluation -> checkpoint.
 
 `fit` is an importable library function, so the same run works from a notebook, a test or
-the CLI (`jaxdist.run`).
+the CLI (`jaxdist.run`). Given a workdir, it resumes from the newest checkpoint there, and
+the resumed run logs exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Any, TextIO
 
 import jax
 
-from jaxdist.config import Config, to_json
+from jaxdist.checkpoint import CheckpointStore
+from jaxdist.config import Config, resume_conflicts, to_dict, to_json
 from jaxdist.data import (
     DevicePrefetcher,
     Loader,
@@ -22,23 +25,30 @@ from jaxdist.data import (
     column,
     eval_batches,
 )
+from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
-from jaxdist.metrics import MetricsLogger, MetricWindow
+from jaxdist.metrics import TIMING_KEYS, MetricsLogger, MetricWindow
 from jaxdist.optimizers import build_optimizer
 from jaxdist.parallel import Backend, InFlightLimit, make_backend
-from jaxdist.step import TrainState, make_eval_step, make_train_step
+from jaxdist.preemption import PreemptionWatch
+from jaxdist.step import NONFINITE, TrainState, make_eval_step, make_train_step
+from jaxdist.stopping import EarlyStopping, NonfiniteGuard
 
 PyTree = Any
 
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves: its state on the devices, its logged points."""
+    """What a run leaves: its state on the devices, its logged points, why it stopped."""
 
     state: TrainState  # replicated on the backend's devices
     backend: Backend
     records: list[dict[str, Any]]
     loader_state: dict[str, int]  # the loader's position after the last step
+    step: int
+    stop_reason: str  # "completed", "already_complete", "early_stopped" or "preempted"
+    signal_name: str | None = None
+    checkpoint: Path | None = None  # the last checkpoint written or restored
 
     @property
     def params(self) -> PyTree:
@@ -62,42 +72,160 @@ def make_loader(data: Any, config: Config, local_devices: int) -> Loader:
                   probabilities=probabilities)
 
 
+class _Run:
+    """The host-side state of one run that a checkpoint must carry besides the TrainState."""
+
+    def __init__(self, config: Config, backend: Backend, loader: Loader):
+        t = config.train
+        self.config, self.backend, self.loader = config, backend, loader
+        self.window = MetricWindow()
+        self.early = EarlyStopping(t.early_stopping.patience, t.early_stopping.metric,
+                                   t.early_stopping.mode, t.early_stopping.min_delta)
+        self.guard = NonfiniteGuard(t.max_nonfinite)
+        self.synced_step = 0  # the last step whose metrics are on the host
+
+    def sync(self, step: int) -> None:
+        """Bring the window's pending steps to the host and check their non-finite flags."""
+        rows = self.window.sync(self.backend)
+        first = step - len(rows) + 1
+        for offset, row in enumerate(rows):
+            self.guard.update(first + offset, row.get(NONFINITE, 0.0) > 0)
+        self.synced_step = step
+
+    def meta(self, loader_state: dict, eval_values: dict | None, stop_reason: str) -> dict:
+        """Everything but the TrainState that a resumed run needs (JSON-able)."""
+        return {"loader": loader_state, "window": self.window.state(),
+                "early_stopping": self.early.state(), "nonfinite": self.guard.state(),
+                "config": to_dict(self.config), "stop_reason": stop_reason,
+                "eval": eval_values}
+
+    def restore(self, meta: dict) -> None:
+        """Continue from `meta()`."""
+        self.loader.restore(meta["loader"])
+        self.window.restore(meta["window"])
+        self.early.restore(meta["early_stopping"])
+        self.guard.restore(meta["nonfinite"])
+
+
 def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         stream: TextIO | None = sys.stdout) -> TrainResult:
-    """Train `experiment` as `config` says; log to `workdir` (if given) and `stream`."""
+    """Train `experiment` as `config` says; log and checkpoint in `workdir` (if given)."""
+    t = config.train
     backend = make_backend(config.parallel.backend, config.parallel.devices)
     loader = make_loader(experiment.train_data, config, backend.num_devices)
+    run = _Run(config, backend, loader)
+    tx = build_optimizer(config.optimizer)
+    init_key, train_key = jax.random.split(jax.random.key(t.seed))
+    host_state = jax.device_get(TrainState.create(experiment.init_params(init_key), tx,
+                                                  train_key))
+    logger = MetricsLogger(workdir, stream, total_steps=t.steps)
+    store, step, checkpoint, resumed_reason = None, 0, None, None
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        c = config.checkpoint
+        store = CheckpointStore(workdir / "checkpoints", c.keep, c.best_metric, c.best_mode)
+        step, host_state, resumed_reason = _resume(store, config, host_state, run, logger,
+                                                   workdir)
+        checkpoint = store.path(step) if step else None
         (workdir / "config.json").write_text(to_json(config) + "\n")
-    logger = MetricsLogger(workdir, stream, total_steps=config.train.steps)
+    run.synced_step = step
+    state = backend.replicate(host_state)
+    if step >= t.steps or resumed_reason == "early_stopped":
+        logger.close()
+        return TrainResult(state, backend, logger.records, loader.state(), step,
+                           "already_complete", checkpoint=checkpoint)
 
-    tx = build_optimizer(config.optimizer)
-    init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
-    params = experiment.init_params(init_key)
-    state = backend.replicate(TrainState.create(params, tx, train_key))
-    train_step = backend.compile(
-        make_train_step(experiment.loss_fn, tx, config.parallel.grad_reduce))
-
-    window, in_flight = MetricWindow(), InFlightLimit()
-    with DevicePrefetcher(loader, backend.put_batch, config.loader.prefetch) as batches:
-        for step in range(1, config.train.steps + 1):
-            state, sums = train_step(state, next(batches))
-            window.add(sums)
-            in_flight.add(sums)
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                logger.log(step, "train", window.summarize(backend))
-        loader_state = batches.state()
-
+    train_step = backend.compile(make_train_step(experiment.loss_fn, tx,
+                                                 config.parallel.grad_reduce, t.skip_nonfinite))
+    eval_step = None
     if experiment.eval_data is not None:
         eval_step = backend.compile(make_eval_step(experiment.evaluation_fn()),
                                     donate_state=False)
-        values = evaluate(backend, eval_step, state.params, experiment.eval_data,
-                          config.train.batch_size)
-        logger.log(config.train.steps, "eval", values)
-    return TrainResult(state=state, backend=backend, records=logger.records,
-                       loader_state=loader_state)
+
+    def run_eval() -> dict[str, float]:
+        values = evaluate(backend, eval_step, state.params, experiment.eval_data, t.batch_size)
+        logger.log(step, "eval", values)
+        return values
+
+    def save(loader_state: dict, eval_values: dict | None, reason: str) -> Path | None:
+        if store is None:
+            return checkpoint
+        run.sync(step)
+        meta = run.meta(loader_state, eval_values, reason)
+        return store.save(step, backend.first_copy(state), meta)
+
+    stop_reason, eval_values, in_flight = "completed", None, InFlightLimit()
+    logger.start_progress(step)
+    try:
+        with PreemptionWatch() as watch, DevicePrefetcher(loader, backend.put_batch,
+                                                          config.loader.prefetch) as batches:
+            while step < t.steps:
+                state, sums = train_step(state, next(batches))
+                step += 1
+                run.window.add(sums)
+                in_flight.add(sums)
+                logger.advance()
+                if step % t.log_every == 0 or step == t.steps:
+                    run.sync(step)
+                    logger.log(step, "train", run.window.summarize(backend))
+                eval_values = None
+                if eval_step is not None and t.eval_every and step % t.eval_every == 0:
+                    eval_values = run_eval()
+                    if run.early.update(step, eval_values):
+                        stop_reason = "early_stopped"
+                if watch.requested:
+                    stop_reason = "preempted"
+                new_best = eval_values is not None and store is not None and store.improves(
+                    eval_values)
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or new_best or (
+                        stop_reason != "completed"):
+                    checkpoint = save(batches.state(), eval_values, stop_reason)
+                if stop_reason != "completed":
+                    break
+            loader_state = batches.state()
+        if stop_reason != "preempted":
+            if eval_step is not None and eval_values is None:
+                eval_values = run_eval()
+            checkpoint = save(loader_state, eval_values, stop_reason)
+        if stop_reason == "early_stopped":
+            logger.say(f"early stopping at step {step}: eval {run.early.metric} has not "
+                       f"improved for {run.early.patience} evaluations (best "
+                       f"{run.early.best:.6g} at step {run.early.best_step})")
+    finally:
+        logger.close()
+        if store is not None:
+            store.close()
+    return TrainResult(state, backend, logger.records, loader_state, step, stop_reason,
+                       signal_name=watch.signal_name, checkpoint=checkpoint)
+
+
+def _resume(store: CheckpointStore, config: Config, fresh: TrainState, run: _Run,
+            logger: MetricsLogger, workdir: Path) -> tuple[int, TrainState, str | None]:
+    """Continue from the newest checkpoint in `workdir`, if any: (step, state, stop reason)."""
+    store.clean_incomplete()
+    step = store.latest()
+    if step is None:
+        saved = workdir / "config.json"
+        if saved.exists():
+            conflicts = resume_conflicts(json.loads(saved.read_text()), config)
+            if conflicts:
+                raise UserError(f"--workdir {workdir} holds a run with other settings "
+                                f"({'; '.join(conflicts[:3])}); use those values or a new "
+                                f"--workdir")
+        logger.resume_at(0)  # a run that never saved starts over, and will log the same
+        return 0, fresh, None
+    meta = store.verify(step)
+    conflicts = resume_conflicts(meta["config"], config)
+    if conflicts:
+        raise UserError(f"checkpoint {store.path(step)} was saved with other settings "
+                        f"({'; '.join(conflicts[:3])}); resume with those values or use a new "
+                        f"--workdir")
+    state, meta = store.restore(step, fresh, meta)
+    run.restore(meta)
+    logger.resume_at(step)
+    logger.say(f"resumed from {store.path(step)}")
+    return step, state, meta.get("stop_reason")
 
 
 def evaluate(backend: Backend, eval_step: Any, params: PyTree, data: Any,
@@ -113,5 +241,4 @@ def evaluate(backend: Backend, eval_step: Any, params: PyTree, data: Any,
             window.add(sums)
             in_flight.add(sums)
     values = window.summarize(backend)
-    values.pop("steps_per_sec")
-    return values
+    return {name: value for name, value in values.items() if name not in TIMING_KEYS}

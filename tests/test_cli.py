@@ -60,9 +60,15 @@ def test_a_run_writes_its_config_and_metrics_and_keeps_them(tmp_path):
     assert records[2]["loss"] < records[0]["loss"]
     assert "eval" in result.stdout and "loss" in result.stdout
 
+    lines = (workdir / "metrics.jsonl").read_text()
     again = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=5")
-    assert again.returncode == 2 and "already holds a run" in again.stderr
-    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 4
+    assert again.returncode == 0 and "already holds this run up to step 30" in again.stdout
+    other = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=40",
+                    "optimizer.learning_rate=0.05")
+    assert other.returncode == 2
+    assert "optimizer.learning_rate=0.2 there, 0.05 now" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert (workdir / "metrics.jsonl").read_text() == lines
 
 
 def test_default_workdir_is_a_new_folder_under_runs(tmp_path):
