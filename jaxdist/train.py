@@ -166,9 +166,17 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
                 run.window.add(sums)
                 in_flight.add(sums)
                 logger.advance()
-                if step % t.log_every == 0 or step == t.steps:
+                if step % t.log_every == 0:
                     run.sync(step)
                     logger.log(step, "train", run.window.summarize(backend))
+                elif step == t.steps:
+                    # Log the last partial window, but keep its sums for the checkpoint:
+                    # a run resumed with more steps logs at step % log_every == 0 exactly
+                    # as an uninterrupted run does.
+                    run.sync(step)
+                    partial = run.window.state()
+                    logger.log(step, "train", run.window.summarize(backend))
+                    run.window.restore(partial)
                 eval_values = None
                 if eval_step is not None and t.eval_every and step % t.eval_every == 0:
                     eval_values = run_eval()
