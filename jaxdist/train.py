@@ -94,13 +94,18 @@ class _Run:
 
     def meta(self, loader_state: dict, eval_values: dict | None, stop_reason: str) -> dict:
         """Everything but the TrainState that a resumed run needs (JSON-able)."""
-        return {"loader": loader_state, "window": self.window.state(),
+        return {"loader": loader_state, "train_examples": self.loader.size,
+                "window": self.window.state(),
                 "early_stopping": self.early.state(), "nonfinite": self.guard.state(),
                 "config": to_dict(self.config), "stop_reason": stop_reason,
                 "eval": eval_values}
 
     def restore(self, meta: dict) -> None:
         """Continue from `meta()`."""
+        if meta["train_examples"] != self.loader.size:
+            raise UserError(f"the checkpoint was saved with {meta['train_examples']} training "
+                            f"examples, the data now has {self.loader.size}; resume with the "
+                            f"same data or use a new --workdir")
         self.loader.restore(meta["loader"])
         self.window.restore(meta["window"])
         self.early.restore(meta["early_stopping"])
