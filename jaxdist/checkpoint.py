@@ -62,14 +62,20 @@ class CheckpointStore:
     """The checkpoints of one workdir: save, list, verify, restore, prune."""
 
     def __init__(self, folder: Path, keep: int = 3, best_metric: str = "",
-                 best_mode: str = "min"):
+                 best_mode: str = "min", writer: bool = True):
         self.folder = Path(folder).absolute()  # orbax requires absolute paths
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
-        self._checkpointer = ocp.StandardCheckpointer()
+        # The state is replicated, so in a multi-process run one process (the writer)
+        # saves it and every process reads it back; each works with orbax on its own.
+        self.writer = writer
+        me = jax.process_index()
+        self._checkpointer = ocp.StandardCheckpointer(
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}))
 
     def clean_incomplete(self) -> None:
-        """Remove what interrupted saves and deletions left behind."""
-        if self.folder.exists():
+        """Remove what interrupted saves and deletions left behind (the writer only)."""
+        if self.writer and self.folder.exists():
             for leftover in self.folder.glob("tmp-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             for leftover in self.folder.glob("trash-*"):
@@ -96,9 +102,12 @@ class CheckpointStore:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> Path:
-        """Write `state` (a host pytree) and `meta` (JSON-able) as the checkpoint of `step`."""
+        """Write `state` (a host pytree) and `meta` (JSON-able) as the checkpoint of `step`.
+
+        Only the writer writes; the others just return the path.
+        """
         final = self.path(step)
-        if final.exists():
+        if final.exists() or not self.writer:
             return final
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f"tmp-{final.name}-{os.getpid()}-{time.time_ns()}"

@@ -43,6 +43,18 @@ def select_devices(count: int = 0) -> list[jax.Device]:
     return devices[:count]
 
 
+def global_devices(local_count: int) -> list[jax.Device]:
+    """The first `local_count` devices of every process, process by process.
+
+    This order puts process p's devices at positions `[p*local_count, (p+1)*local_count)` of
+    the `batch` axis, where the loader's slice p of each global batch goes.
+    """
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(device.process_index, []).append(device)
+    return [d for p in sorted(by_process) for d in by_process[p][:local_count]]
+
+
 def split_leading_axis(x: np.ndarray, parts: int) -> np.ndarray:
     """Reshape `[B, ...]` to `[parts, B / parts, ...]`."""
     if x.shape[0] % parts:
@@ -56,12 +68,14 @@ class Backend:
     name: str
 
     def __init__(self, devices: Sequence[jax.Device]):
-        self.devices = list(devices)
-        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.devices = list(devices)  # this process's devices
+        self.global_devices = global_devices(len(self.devices))
+        self.local_mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.mesh = Mesh(np.array(self.global_devices), (AXIS,))
 
     @property
     def num_devices(self) -> int:
-        """How many devices a global batch is split over."""
+        """How many devices of this process share its slice of a global batch."""
         return len(self.devices)
 
     def replicate(self, tree: PyTree) -> PyTree:
@@ -91,12 +105,13 @@ class Backend:
 
 
 class PmapBackend(Backend):
-    """`jax.pmap` over the selected local devices."""
+    """`jax.pmap` over the selected devices of all processes, fed per process."""
 
     name = "pmap"
 
     def _sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(AXIS))
+        # pmap takes this process's values, one row per local device.
+        return NamedSharding(self.local_mesh, P(AXIS))
 
     def replicate(self, tree: PyTree) -> PyTree:
         """Stack one copy per device along a new leading axis and place copy i on device i."""
@@ -119,7 +134,7 @@ class PmapBackend(Backend):
 
     def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
         """`jax.pmap` with axis name `batch`, donating the state buffers."""
-        return jax.pmap(step, axis_name=AXIS, devices=self.devices,
+        return jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
                         donate_argnums=(0,) if donate_state else ())
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
@@ -134,23 +149,34 @@ class PmapBackend(Backend):
 
 
 class ShardMapBackend(Backend):
-    """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected local devices."""
+    """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected devices of all processes."""
 
     name = "shard_map"
 
     def replicate(self, tree: PyTree) -> PyTree:
-        """Place a full copy of every leaf on each device of the mesh."""
+        """Place a full copy of every leaf on each device of the (global) mesh.
+
+        Every process passes the same values and places them on its own devices.
+        """
         sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
 
     def put_batch(self, batch: PyTree) -> PyTree:
-        """Split each `[B, ...]` leaf along its first axis over the mesh."""
+        """Split this process's slice (leaves `[B / processes, ...]`) over its devices.
+
+        The result is the global `[B, ...]` array of the mesh, each process holding its rows.
+        """
         sharding = NamedSharding(self.mesh, P(AXIS))
 
         def put(x):
             x = np.asarray(x)
             split_leading_axis(x, self.num_devices)  # only to check the size
-            return jax.device_put(x, sharding)
+            return jax.make_array_from_process_local_data(sharding, x)
 
         return jax.tree.map(put, batch)
 

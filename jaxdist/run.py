@@ -10,6 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from jaxdist.distributed import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DistributedSettings,
+    initialize,
+    is_primary,
+)
 from jaxdist.errors import UserError
 
 USAGE_EXIT = 2
@@ -42,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="on a CPU-only machine, split the CPU into N devices "
                              "(the tests use 8)")
+    group = parser.add_argument_group(
+        "multi-process runs (jax.distributed; see the README)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0 (or $JAXDIST_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, metavar="N",
+                       help="how many processes take part (or $JAXDIST_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's index, 0 to N-1 (or $JAXDIST_PROCESS_ID)")
+    group.add_argument("--distributed", action="store_true",
+                       help="let JAX detect the cluster: TPU pod slice, SLURM, Open MPI, GKE")
+    group.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT,
+                       metavar="S", help="seconds without a heartbeat after which a peer is "
+                                         "dead and every process stops (default: %(default)s)")
     return parser
 
 
@@ -65,6 +84,10 @@ def run(argv: list[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    initialize(DistributedSettings(
+        coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, auto=args.distributed,
+        heartbeat_timeout=args.heartbeat_timeout))
 
     from jaxdist.config import apply_overrides
     from jaxdist.discovery import list_experiments, load_experiment
@@ -83,6 +106,8 @@ def run(argv: list[str] | None = None) -> int:
     from jaxdist.train import fit
 
     result = fit(module.build(config), config, workdir)
+    if not is_primary():
+        return 0
     if result.stop_reason == "preempted":
         print(f"{result.signal_name}: stopped at step {result.step} and saved "
               f"{result.checkpoint}; run the same command to resume")

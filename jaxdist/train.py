@@ -25,6 +25,7 @@ from jaxdist.data import (
     column,
     eval_batches,
 )
+from jaxdist.distributed import any_process, barrier, is_primary
 from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
 from jaxdist.metrics import TIMING_KEYS, MetricsLogger, MetricWindow
@@ -123,17 +124,21 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
     init_key, train_key = jax.random.split(jax.random.key(t.seed))
     host_state = jax.device_get(TrainState.create(experiment.init_params(init_key), tx,
                                                   train_key))
-    logger = MetricsLogger(workdir, stream, total_steps=t.steps)
+    primary = is_primary()  # process 0 alone writes logs and checkpoints
+    logger = MetricsLogger(workdir if primary else None, stream if primary else None,
+                           total_steps=t.steps)
     store, step, checkpoint, resumed_reason = None, 0, None, None
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         c = config.checkpoint
-        store = CheckpointStore(workdir / "checkpoints", c.keep, c.best_metric, c.best_mode)
+        store = CheckpointStore(workdir / "checkpoints", c.keep, c.best_metric, c.best_mode,
+                                writer=primary)
         step, host_state, resumed_reason = _resume(store, config, host_state, run, logger,
                                                    workdir)
         checkpoint = store.path(step) if step else None
-        (workdir / "config.json").write_text(to_json(config) + "\n")
+        if primary:
+            (workdir / "config.json").write_text(to_json(config) + "\n")
     run.synced_step = step
     state = backend.replicate(host_state)
     if step >= t.steps or resumed_reason == "early_stopped":
@@ -158,9 +163,12 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
             return checkpoint
         run.sync(step)
         meta = run.meta(loader_state, eval_values, reason)
-        return store.save(step, backend.first_copy(state), meta)
+        path = store.save(step, backend.first_copy(state), meta)
+        barrier(f"checkpoint-{step}")  # nobody reads or moves on before it is complete
+        return path
 
     stop_reason, eval_values, in_flight = "completed", None, InFlightLimit()
+    single = jax.process_count() == 1
     logger.start_progress(step)
     try:
         with PreemptionWatch() as watch, DevicePrefetcher(loader, backend.put_batch,
@@ -187,7 +195,10 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
                     eval_values = run_eval()
                     if run.early.update(step, eval_values):
                         stop_reason = "early_stopped"
-                if watch.requested:
+                # Every process must stop after the same step: alone, at once; with peers,
+                # at the next log point, where they agree (one small all-gather).
+                if (watch.requested if single else (
+                        step % t.log_every == 0 and any_process(watch.requested))):
                     stop_reason = "preempted"
                 new_best = eval_values is not None and store is not None and store.improves(
                     eval_values)
@@ -217,6 +228,7 @@ def _resume(store: CheckpointStore, config: Config, fresh: TrainState, run: _Run
             logger: MetricsLogger, workdir: Path) -> tuple[int, TrainState, str | None]:
     """Continue from the newest checkpoint in `workdir`, if any: (step, state, stop reason)."""
     store.clean_incomplete()
+    barrier("checkpoints-cleaned")
     step = store.latest()
     if step is None:
         saved = workdir / "config.json"

@@ -1,0 +1,120 @@
+"""Joining a multi-process run on JAX's own runtime (`jax.distributed`).
+
+Every process runs the same command; process 0 is the coordinator. On TPU pod slices,
+SLURM, Open MPI and GKE, JAX finds the coordinator, the process count and the process id
+by itself (`--distributed`); elsewhere they are given with `--coordinator HOST:PORT
+--num-processes N --process-id I` or the environment variables `JAXDIST_COORDINATOR`,
+`JAXDIST_NUM_PROCESSES`, `JAXDIST_PROCESS_ID`.
+
+A dead peer never hangs the others: each process sends heartbeats to the coordinator, and
+when one stops for `heartbeat_timeout` seconds JAX ends every other process with the
+message "Terminating process because the JAX distributed service detected fatal errors.
+This most likely indicates that another task died".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+
+from jaxdist.errors import UserError
+
+ENV_COORDINATOR = "JAXDIST_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXDIST_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXDIST_PROCESS_ID"
+DEFAULT_HEARTBEAT_TIMEOUT = 20  # seconds: survivors of a dead peer exit well within 60 s
+
+
+@dataclass
+class DistributedSettings:
+    """How this process joins a multi-process run (all None: it runs alone)."""
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False  # let JAX detect the cluster (TPU pod, SLURM, Open MPI, GKE)
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
+    initialization_timeout: int = 120
+
+    def with_environment(self) -> DistributedSettings:
+        """Fill unset fields from the `JAXDIST_*` environment variables."""
+        def env_int(name: str) -> int | None:
+            value = os.environ.get(name)
+            if value is None:
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise UserError(f"{name}={value} is not an integer") from None
+
+        return DistributedSettings(
+            coordinator=self.coordinator or os.environ.get(ENV_COORDINATOR),
+            num_processes=(self.num_processes if self.num_processes is not None
+                           else env_int(ENV_NUM_PROCESSES)),
+            process_id=self.process_id if self.process_id is not None else env_int(
+                ENV_PROCESS_ID),
+            auto=self.auto, heartbeat_timeout=self.heartbeat_timeout,
+            initialization_timeout=self.initialization_timeout)
+
+    @property
+    def explicit(self) -> bool:
+        """Whether any of coordinator, process count and id were given."""
+        return any(v is not None for v in (self.coordinator, self.num_processes,
+                                           self.process_id))
+
+
+def initialize(settings: DistributedSettings) -> bool:
+    """Join the run that `settings` (and the environment) describe; False if alone.
+
+    Call before anything else touches a device.
+    """
+    settings = settings.with_environment()
+    if not settings.explicit and not settings.auto:
+        return False
+    if settings.explicit:
+        missing = [flag for flag, value in (("--coordinator", settings.coordinator),
+                                            ("--num-processes", settings.num_processes),
+                                            ("--process-id", settings.process_id))
+                   if value is None]
+        if missing:
+            raise UserError(f"a multi-process run needs --coordinator, --num-processes and "
+                            f"--process-id; {', '.join(missing)} missing")
+        if settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes:
+            raise UserError(f"--process-id {settings.process_id} must be in [0, "
+                            f"{settings.num_processes}) and --num-processes >= 1")
+        host, _, port = settings.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--coordinator {settings.coordinator} is not HOST:PORT")
+    # CPU devices talk over gloo (TCP); accelerators use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator, num_processes=settings.num_processes,
+        process_id=settings.process_id,
+        heartbeat_timeout_seconds=settings.heartbeat_timeout,
+        initialization_timeout=settings.initialization_timeout)
+    return True
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes logs, metrics and checkpoints."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (no-op when alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process; every process gets the same answer."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))

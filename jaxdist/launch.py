@@ -1,0 +1,129 @@
+"""`python -m jaxdist.launch --num-processes N --local-devices D EXPERIMENT [ARGS ...]`.
+
+Starts N jaxdist processes on this machine, each with D fake CPU devices, joined by
+`jax.distributed` with a coordinator on 127.0.0.1 and CPU collectives over gloo. Their
+output is forwarded line by line with a `[pI]` prefix. If a process fails, the others are
+stopped and the launcher exits with that process's status; otherwise it exits 0. SIGTERM
+and SIGINT are passed on to the processes (they save a checkpoint and exit 0).
+
+For trying multi-process training (and testing it) on one machine; on a cluster, start
+`python -m jaxdist.run` once per host instead (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import TextIO
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _forward(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+    for line in stream:
+        with lock:
+            out.write(f"{prefix}{line}")
+            out.flush()
+
+
+def launch(num_processes: int, local_devices: int, run_args: list[str],
+           heartbeat_timeout: int | None = None) -> int:
+    """Run `python -m jaxdist.run RUN_ARGS` as `num_processes` processes; return the status."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # the device count comes from --cpu-devices
+    env["JAX_PLATFORMS"] = "cpu"
+    processes, threads, lock = [], [], threading.Lock()
+    for index in range(num_processes):
+        command = [sys.executable, "-m", "jaxdist.run", *run_args,
+                   "--cpu-devices", str(local_devices), "--coordinator", coordinator,
+                   "--num-processes", str(num_processes), "--process-id", str(index)]
+        if heartbeat_timeout is not None:
+            command += ["--heartbeat-timeout", str(heartbeat_timeout)]
+        process = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        processes.append(process)
+        for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
+            thread = threading.Thread(target=_forward, args=(stream, f"[p{index}] ", out, lock),
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+    status = _wait(processes)
+    for thread in threads:
+        thread.join(timeout=5)
+    return status
+
+
+def _wait(processes: list[subprocess.Popen]) -> int:
+    """Wait for all; when one fails, stop the others and return its status.
+
+    SIGTERM and SIGINT sent to the launcher are passed on to every process, which then
+    finish their step, save and exit 0 together.
+    """
+
+    def forward(signum: int, frame: object) -> None:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                index, code = failed[0]
+                print(f"jaxdist.launch: process {index} exited with status {code}; stopping "
+                      f"the others", file=sys.stderr)
+                _stop(processes)
+                return code if code > 0 else 128 - code
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+    for p in processes:
+        p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxdist.launch", description=__doc__.splitlines()[0],
+        epilog="Everything after the options goes to python -m jaxdist.run.")
+    parser.add_argument("--num-processes", type=int, required=True, metavar="N")
+    parser.add_argument("--local-devices", type=int, default=1, metavar="D",
+                        help="fake CPU devices per process (default: 1)")
+    parser.add_argument("--heartbeat-timeout", type=int, metavar="S")
+    args, run_args = parser.parse_known_args(argv)
+    if args.num_processes < 1 or args.local_devices < 1:
+        print("error: --num-processes and --local-devices must be >= 1", file=sys.stderr)
+        return 2
+    if not run_args:
+        print("error: name an experiment, e.g. python -m jaxdist.launch --num-processes 2 "
+              "--local-devices 4 linear_regression", file=sys.stderr)
+        return 2
+    return launch(args.num_processes, args.local_devices, run_args, args.heartbeat_timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Multi-process runs on jax.distributed, all on 127.0.0.1: 2 processes x 4 CPU devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxdist.launch import free_port
+from tests.id_experiment import SIZE
+
+ROOT = Path(__file__).resolve().parent.parent
+ID_EXPERIMENT = str(ROOT / "tests" / "id_experiment.py")
+LINEAR = ["linear_regression", "train.batch_size=64", "train.log_every=5", "train.eval_every=10"]
+
+
+def launch(*args, processes=2, devices=4, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxdist.launch", "--num-processes",
+                           str(processes), "--local-devices", str(devices), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def single(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxdist.run", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))  # 8 fake devices from conftest
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["pmap", "shard_map"])
+def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, backend):
+    settings = [*LINEAR, "train.steps=20", f"parallel.backend={backend}"]
+    two = launch(*settings, "--workdir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = single(*settings, "--workdir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert len(a) == 6
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key not in ("step", "split"):
+                np.testing.assert_allclose(x[key], y[key], rtol=1e-5)
+    assert "[p0] train step 20/20" in two.stdout and "[p1] train" not in two.stdout
+
+
+def test_one_epoch_over_two_processes_reads_every_example_once(tmp_path):
+    result = launch(ID_EXPERIMENT, "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    train, evaluation = records(tmp_path / "run")
+    ids = np.arange(SIZE, dtype=np.float64)
+    for point in (train, evaluation):
+        assert point["examples"] == SIZE
+        np.testing.assert_allclose(point["id"], ids.mean(), rtol=1e-6)
+        np.testing.assert_allclose(point["id_squared"], (ids**2).mean(), rtol=1e-6)
+
+
+def test_a_two_process_run_resumes_exactly(tmp_path):
+    whole = launch(*LINEAR, "train.steps=20", "--workdir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for steps in (10, 20):
+        part = launch(*LINEAR, f"train.steps={steps}", "--workdir", str(tmp_path / "split"))
+        assert part.returncode == 0, part.stderr[-2000:]
+    assert "resumed from" in part.stdout
+    after = [r for r in records(tmp_path / "split") if r["step"] > 10]
+    assert after == [r for r in records(tmp_path / "whole") if r["step"] > 10]
+    assert len(after) == 3
+
+
+def test_a_dead_peer_stops_the_survivor_within_60_seconds(tmp_path):
+    port = free_port()
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "jaxdist.run", *LINEAR, "train.steps=10000000",
+         "--workdir", str(workdir), "--cpu-devices", "4", "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i in range(2)]
+    deadline = time.time() + 120
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (workdir / "metrics.jsonl").exists(), processes[0].stderr.read()[-2000:]
+    processes[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        processes[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        processes[0].kill()
+        pytest.fail("the surviving process still ran 60 s after its peer died")
+    elapsed = time.time() - killed
+    stderr = processes[0].stderr.read()
+    processes[1].wait()
+    assert processes[0].returncode != 0
+    assert "another task died" in stderr
+    assert elapsed < 60
+
+
+def test_the_launcher_fails_when_a_process_fails(tmp_path):
+    result = launch("linear_regression", "train.batch_size=10", "--workdir",
+                    str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2
+    assert "cannot be split over 2 processes x 4 devices" in result.stderr
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step(tmp_path):
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "jaxdist.launch", "--num-processes", "2", "--local-devices",
+         "4", *LINEAR, "train.steps=10000000", "train.checkpoint_every=0",
+         "--workdir", str(workdir)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, err[-2000:]
+    step = int(out.split("stopped at step ")[1].split()[0])
+    assert step % 5 == 0  # the processes agree at a log point (train.log_every=5)
+    assert (workdir / "checkpoints" / f"step_{step:08d}").is_dir()
