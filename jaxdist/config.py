@@ -48,17 +48,30 @@ class TrainConfig:
     # row stop the run with an error (0 never stops it).
     max_nonfinite: int = 10
     skip_nonfinite: bool = True
+    # bf16: compute in bfloat16, keep params and optimizer state in float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Split each device's batch into this many micro-batches, one update for all of them.
+    grad_accum: int = 1
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    """Which optax transformation updates the parameters."""
+    """Which optax transformation updates the parameters, and its learning-rate schedule."""
 
-    name: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"
-    learning_rate: float = 0.1
+    name: Literal["sgd", "momentum", "adam", "adamw", "lamb"] = "sgd"
+    learning_rate: float = 0.1  # the peak rate of a schedule
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # constant; warmup_cosine: linear warmup, then cosine decay to final_fraction * rate;
+    # step: multiply the rate by step_factor every step_every steps.
+    schedule: Literal["constant", "warmup_cosine", "step"] = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0  # 0: decay over train.steps
+    final_fraction: float = 0.0
+    step_every: int = 0
+    step_factor: float = 0.1
+    clip_norm: float = 0.0  # global-norm gradient clipping; 0 turns it off
 
 
 @dataclass
@@ -153,6 +166,10 @@ def validate(config: Config) -> None:
         (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
         (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
         (t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0"),
+        (t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1"),
+        (o.schedule != "step" or o.step_every > 0,
+         "optimizer.schedule=step needs optimizer.step_every > 0"),
+        (o.clip_norm >= 0, f"optimizer.clip_norm={o.clip_norm} must be >= 0"),
         (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0"),
         (t.max_nonfinite >= 0, f"train.max_nonfinite={t.max_nonfinite} must be >= 0"),
         (t.early_stopping.patience >= 0,

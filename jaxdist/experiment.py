@@ -28,6 +28,10 @@ class Experiment:
       `split: "eval"`.
     - `eval_fn(params, batch) -> (losses, aux)`: the deterministic loss for evaluation;
       by default `loss_fn` with a fixed key.
+    - `init_model_state(rng) -> model_state`: for models with state that gradients do not
+      train (BatchNorm statistics). When given, `loss_fn` is
+      `loss_fn(params, model_state, batch, rng) -> (losses, aux, new_model_state)` and
+      `eval_fn` is `eval_fn(params, model_state, batch) -> (losses, aux)` (required).
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -35,11 +39,19 @@ class Experiment:
     train_data: Mapping[str, np.ndarray] | Any
     eval_data: Mapping[str, np.ndarray] | Any | None = None
     eval_fn: EvalFn | None = None
+    init_model_state: Callable[[jax.Array], PyTree] | None = None
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the model carries state besides its params (the stateful loss form)."""
+        return self.init_model_state is not None
 
     def evaluation_fn(self) -> EvalFn:
         """`eval_fn`, or `loss_fn` with a fixed key when none was given."""
         if self.eval_fn is not None:
             return self.eval_fn
+        if self.has_state:
+            raise ValueError("an experiment with init_model_state must give eval_fn")
         loss_fn = self.loss_fn
 
         def fixed_key_loss(params: PyTree, batch: dict) -> tuple[jax.Array, dict]:

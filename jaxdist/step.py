@@ -3,7 +3,14 @@
 A loss function has the signature `loss_fn(params, batch, rng) -> (losses, aux)`, where
 `losses` has one entry per example of this device's slice (shape `[b]`) and `aux` is a dict
 of per-example metrics (each shape `[b]`). Every batch carries `batch["weight"]` (shape
-`[b]`): 1 for a real example, 0 for padding.
+`[b]`): 1 for a real example, 0 for padding. A model with state that is not trained by
+gradients (BatchNorm statistics) uses the stateful form
+`loss_fn(params, model_state, batch, rng) -> (losses, aux, new_model_state)`.
+
+Options of the train step: `precision="bf16"` computes the loss in bfloat16 from float32
+params (the gradients and the update stay float32); `grad_accum=k` runs each device's batch
+as k micro-batches and makes one update from the sum of their gradients, which equals one
+step on the whole batch.
 
 Gradient reduction (`grad_reduce`):
 - `"mean"` (default): each device differentiates its weighted *sum* of losses and the update
@@ -30,6 +37,9 @@ PyTree = Any
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 EvalFn = Callable[[PyTree, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+StatefulLossFn = Callable[[PyTree, PyTree, Batch, jax.Array],
+                          tuple[jax.Array, dict[str, jax.Array], PyTree]]
+StatefulEvalFn = Callable[[PyTree, PyTree, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 # Keys of the summed metrics that every step returns besides the loss function's aux.
 LOSS_SUM = "loss"
@@ -44,14 +54,54 @@ class TrainState(NamedTuple):
     params: PyTree
     opt_state: PyTree
     rng: jax.Array  # raw uint32 key data of the run's root key
+    model_state: PyTree = None  # e.g. BatchNorm statistics; None for a stateless model
 
     @classmethod
-    def create(cls, params: PyTree, tx: optax.GradientTransformation,
-               rng: jax.Array) -> TrainState:
-        """Start a run at step 0 from initial `params` and a root key."""
+    def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               model_state: PyTree = None) -> TrainState:
+        """Start a run at step 0 from initial `params` (and model state) and a root key."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                    rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                   else rng)
+                   else rng, model_state=model_state)
+
+
+def stateful(loss_fn: LossFn) -> StatefulLossFn:
+    """The stateful form of a stateless loss function (its model state stays None)."""
+
+    def with_state(params, model_state, batch, rng):
+        losses, aux = loss_fn(params, batch, rng)
+        return losses, aux, model_state
+
+    return with_state
+
+
+def stateful_eval(eval_fn: EvalFn) -> StatefulEvalFn:
+    """The stateful form of a stateless evaluation function."""
+    return lambda params, model_state, batch: eval_fn(params, batch)
+
+
+def in_precision(fn: Callable, precision: str) -> Callable:
+    """Call `fn(params, model_state, batch, ...)` with float32 params and inputs in bf16.
+
+    The losses and metrics come back as float32; the cast is differentiated through, so the
+    gradients with respect to the float32 params are float32.
+    """
+    if precision == "fp32":
+        return fn
+    if precision != "bf16":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+
+    def to_bf16(x):
+        return x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+
+    def cast(params, model_state, batch, *rest):
+        inputs = {k: v if k == "weight" else to_bf16(v) for k, v in batch.items()}
+        out = fn(jax.tree.map(to_bf16, params), model_state, inputs, *rest)
+        losses, aux = out[0].astype(jnp.float32), jax.tree.map(
+            lambda v: v.astype(jnp.float32), out[1])
+        return (losses, aux, *out[2:])
+
+    return cast
 
 
 def device_rng(root: jax.Array, step: jax.Array) -> jax.Array:
@@ -79,33 +129,58 @@ def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
     return sums
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True
+def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
+                    grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
+                    *, has_state: bool = False, precision: str = "fp32", grad_accum: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
     The returned metrics are sums over all devices (`loss`, `weight` and each aux name);
     divide by `weight` for the exact mean. Map the step with a backend from
-    `jaxdist.parallel`.
+    `jaxdist.parallel`. `has_state` says `loss_fn` is in the stateful form.
 
     With `skip_nonfinite`, a step whose global loss or gradient holds a NaN or inf changes
-    neither the params nor the optimizer state, on every device alike (the test is made on
-    the all-reduced values, which every device shares); its metric sums are zeroed and
-    `nonfinite_steps` is 1.
+    neither the params, the model state nor the optimizer state, on every device alike (the
+    test is made on the all-reduced values, which every device shares); its metric sums are
+    zeroed and `nonfinite_steps` is 1.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
+    loss = in_precision(loss_fn if has_state else stateful(loss_fn), precision)
+
+    def weighted_loss_sum(params, model_state, batch, rng):
+        losses, aux, model_state = loss(params, model_state, batch, rng)
+        sums = _weighted_sums(losses, aux, batch["weight"])
+        return sums[LOSS_SUM], (sums, model_state)
+
+    grad_fn = jax.grad(weighted_loss_sum, has_aux=True)
+
+    def local_gradients(params, model_state, batch, rng):
+        """Gradient of this device's weighted loss sum, its metric sums, the model state."""
+        if grad_accum == 1:
+            grads, (sums, model_state) = grad_fn(params, model_state, batch, rng)
+            return grads, sums, model_state
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            grads, sums, model_state = carry
+            index, micro_batch = inputs
+            g, (s, model_state) = grad_fn(params, model_state, micro_batch,
+                                          jax.random.fold_in(rng, index))
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s),
+                    model_state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            grad_fn, params, model_state, jax.tree.map(lambda x: x[0], micro), rng))
+        carry = (zeros[0], zeros[1][0], model_state)
+        (grads, sums, model_state), _ = jax.lax.scan(
+            accumulate, carry, (jnp.arange(grad_accum), micro))
+        return grads, sums, model_state
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        weights = batch["weight"]
         rng = device_rng(state.rng, state.step)
-
-        def weighted_loss_sum(params):
-            losses, aux = loss_fn(params, batch, rng)
-            sums = _weighted_sums(losses, aux, weights)
-            return sums[LOSS_SUM], sums
-
-        grad_sums, local = jax.grad(weighted_loss_sum, has_aux=True)(state.params)
+        grad_sums, local, model_state = local_gradients(state.params, state.model_state,
+                                                        batch, rng)
         # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
         # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
         totals = jax.lax.psum(local, AXIS)
@@ -119,13 +194,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
             finite = _all_finite((totals[LOSS_SUM], grads))
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state),
-                                             (state.params, state.opt_state))
+            params, opt_state, model_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+                (state.params, state.opt_state, state.model_state))
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
             totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               rng=state.rng)
+                               rng=state.rng, model_state=model_state)
         return new_state, totals
 
     return train_step
@@ -136,15 +211,18 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def make_eval_step(eval_fn: EvalFn) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:
-    """Build the per-device step `(params, batch) -> summed_metrics`.
+def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
+                   precision: str = "fp32") -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Build the per-device step `(state, batch) -> summed_metrics`.
 
-    `eval_fn(params, batch) -> (losses, aux)` is deterministic (no dropout). Padding rows
-    weigh 0, so summing over an epoch of padded batches counts every example exactly once.
+    `eval_fn(params, batch) -> (losses, aux)` (or `eval_fn(params, model_state, batch)` with
+    `has_state`) is deterministic (no dropout). Padding rows weigh 0, so summing over an
+    epoch of padded batches counts every example exactly once.
     """
+    evaluate = in_precision(eval_fn if has_state else stateful_eval(eval_fn), precision)
 
-    def eval_step(params: PyTree, batch: Batch) -> dict[str, jax.Array]:
-        losses, aux = eval_fn(params, batch)
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        losses, aux = evaluate(state.params, state.model_state, batch)
         return jax.lax.psum(_weighted_sums(losses, aux, batch["weight"]), AXIS)
 
     return eval_step

@@ -120,10 +120,16 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
     backend = make_backend(config.parallel.backend, config.parallel.devices)
     loader = make_loader(experiment.train_data, config, backend.num_devices)
     run = _Run(config, backend, loader)
-    tx = build_optimizer(config.optimizer)
-    init_key, train_key = jax.random.split(jax.random.key(t.seed))
+    per_device = loader.local_batch_size // backend.num_devices
+    if per_device % t.grad_accum:
+        raise UserError(f"train.grad_accum={t.grad_accum} does not divide the {per_device} "
+                        f"examples each device gets per step; choose a divisor of "
+                        f"{per_device} or change train.batch_size")
+    tx = build_optimizer(config.optimizer, t.steps)
+    init_key, state_key, train_key = jax.random.split(jax.random.key(t.seed), 3)
+    model_state = (experiment.init_model_state(state_key) if experiment.has_state else None)
     host_state = jax.device_get(TrainState.create(experiment.init_params(init_key), tx,
-                                                  train_key))
+                                                  train_key, model_state))
     primary = is_primary()  # process 0 alone writes logs and checkpoints
     logger = MetricsLogger(workdir if primary else None, stream if primary else None,
                            total_steps=t.steps)
@@ -146,15 +152,17 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         return TrainResult(state, backend, logger.records, loader.state(), step,
                            "already_complete", checkpoint=checkpoint)
 
-    train_step = backend.compile(make_train_step(experiment.loss_fn, tx,
-                                                 config.parallel.grad_reduce, t.skip_nonfinite))
+    train_step = backend.compile(make_train_step(
+        experiment.loss_fn, tx, config.parallel.grad_reduce, t.skip_nonfinite,
+        has_state=experiment.has_state, precision=t.precision, grad_accum=t.grad_accum))
     eval_step = None
     if experiment.eval_data is not None:
-        eval_step = backend.compile(make_eval_step(experiment.evaluation_fn()),
-                                    donate_state=False)
+        eval_step = backend.compile(make_eval_step(
+            experiment.evaluation_fn(), has_state=experiment.has_state,
+            precision=t.precision), donate_state=False)
 
     def run_eval() -> dict[str, float]:
-        values = evaluate(backend, eval_step, state.params, experiment.eval_data, t.batch_size)
+        values = evaluate(backend, eval_step, state, experiment.eval_data, t.batch_size)
         logger.log(step, "eval", values)
         return values
 
@@ -253,7 +261,7 @@ def _resume(store: CheckpointStore, config: Config, fresh: TrainState, run: _Run
     return step, state, meta.get("stop_reason")
 
 
-def evaluate(backend: Backend, eval_step: Any, params: PyTree, data: Any,
+def evaluate(backend: Backend, eval_step: Any, state: TrainState, data: Any,
              batch_size: int) -> dict[str, float]:
     """Exact weighted means of the loss and aux metrics over one pass of `data`."""
     window, in_flight = MetricWindow(), InFlightLimit()
@@ -262,7 +270,7 @@ def evaluate(backend: Backend, eval_step: Any, params: PyTree, data: Any,
                            process_count=jax.process_count())
     with DevicePrefetcher(batches, backend.put_batch) as device_batches:
         for batch in device_batches:
-            sums = eval_step(params, batch)
+            sums = eval_step(state, batch)
             window.add(sums)
             in_flight.add(sums)
     values = window.summarize(backend)
