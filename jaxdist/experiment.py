@@ -32,6 +32,8 @@ class Experiment:
       train (BatchNorm statistics). When given, `loss_fn` is
       `loss_fn(params, model_state, batch, rng) -> (losses, aux, new_model_state)` and
       `eval_fn` is `eval_fn(params, model_state, batch) -> (losses, aux)` (required).
+    - `train_transform(batch, rng) -> batch`: host-side augmentation of training batches
+      (see `jaxdist.data.augment`), with a numpy Generator that repeats on resume.
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -40,6 +42,7 @@ class Experiment:
     eval_data: Mapping[str, np.ndarray] | Any | None = None
     eval_fn: EvalFn | None = None
     init_model_state: Callable[[jax.Array], PyTree] | None = None
+    train_transform: Callable[[dict, np.random.Generator], dict] | None = None
 
     @property
     def has_state(self) -> bool:

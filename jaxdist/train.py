@@ -61,7 +61,8 @@ class TrainResult:
         return [r for r in self.records if r["split"] == split][-1]
 
 
-def make_loader(data: Any, config: Config, local_devices: int) -> Loader:
+def make_loader(data: Any, config: Config, local_devices: int,
+                transform: Any = None) -> Loader:
     """The training loader for this process, as `config.train` and `config.loader` say."""
     source = as_source(data, "training data")
     probabilities = None
@@ -70,7 +71,7 @@ def make_loader(data: Any, config: Config, local_devices: int) -> Loader:
     return Loader(source, config.train.batch_size, local_devices, seed=config.train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   shuffle=config.loader.shuffle, drop_remainder=config.loader.drop_remainder,
-                  probabilities=probabilities)
+                  probabilities=probabilities, transform=transform)
 
 
 class _Run:
@@ -118,7 +119,8 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
     """Train `experiment` as `config` says; log and checkpoint in `workdir` (if given)."""
     t = config.train
     backend = make_backend(config.parallel.backend, config.parallel.devices)
-    loader = make_loader(experiment.train_data, config, backend.num_devices)
+    loader = make_loader(experiment.train_data, config, backend.num_devices,
+                         experiment.train_transform)
     run = _Run(config, backend, loader)
     per_device = loader.local_batch_size // backend.num_devices
     if per_device % t.grad_accum:

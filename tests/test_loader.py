@@ -277,3 +277,36 @@ def test_prefetcher_reraises_errors_and_ends():
             next(batches)
     with DevicePrefetcher(iter([{"a": 1}]), lambda b: b) as batches:
         assert list(batches) == [{"a": 1}]
+
+
+def test_transforms_repeat_on_resume_and_augmentations_keep_content():
+    from jaxdist.data.augment import random_crop, random_flip
+
+    images = np.arange(40 * 6 * 6, dtype=np.float32).reshape(40, 6, 6)
+
+    def transform(batch, rng):
+        return {**batch, "image": random_flip(random_crop(batch["image"], rng, 1), rng)}
+
+    data = {"image": images, "id": np.arange(40)}
+    reference = Loader(data, 8, 2, seed=3, transform=transform)
+    for _ in range(6):
+        next(reference)
+    position = reference.state()
+    expected = [next(reference) for _ in range(5)]
+    resumed = Loader(data, 8, 2, seed=3, transform=transform)
+    resumed.restore(position)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["image"], want["image"])
+    batch = expected[0]
+    assert not np.array_equal(batch["image"], images[batch["id"]])  # it did change them
+    rng = np.random.default_rng(0)
+    cropped = random_crop(images, rng, 2)
+    for original, crop in zip(images, cropped, strict=True):  # a crop is a shifted window
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if np.array_equal(crop[max(dy, 0):6 + min(dy, 0), max(dx, 0):6 + min(dx, 0)],
+                                   original[max(-dy, 0):6 + min(-dy, 0),
+                                            max(-dx, 0):6 + min(-dx, 0)])]
+        assert found
+    flipped = random_flip(images, np.random.default_rng(1))
+    assert all(np.array_equal(f, o) or np.array_equal(f, o[:, ::-1])
+               for f, o in zip(flipped, images, strict=True))

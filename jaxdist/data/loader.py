@@ -13,13 +13,15 @@ padding of a full batch) carry weight 0; the core's exact weighting makes them h
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from jaxdist.data.sources import WEIGHT, Source, as_source
 from jaxdist.errors import UserError
+
+Transform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
 
 def check_split(batch_size: int, process_count: int, local_devices: int) -> None:
@@ -88,11 +90,16 @@ class Loader:
 
     `state()` is `{"epoch": e, "index": i}` (the position of the next global batch);
     `restore(state)` continues with exactly the batches an uninterrupted loader gives.
+
+    `transform(batch, rng)` (optional) changes each training batch on the host, e.g. random
+    crops; `rng` is a numpy Generator seeded from (seed, epoch, index, process), so it too
+    repeats exactly. It is not applied to a full batch, which is fixed.
     """
 
     def __init__(self, data: Any, batch_size: int, local_devices: int, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                 drop_remainder: bool = True, probabilities: np.ndarray | None = None):
+                 drop_remainder: bool = True, probabilities: np.ndarray | None = None,
+                 transform: Transform | None = None):
         self.source = as_source(data, "training data")
         self.size = len(self.source)
         self.seed, self.shuffle, self.probabilities = seed, shuffle, probabilities
@@ -114,6 +121,7 @@ class Loader:
             raise UserError(f"sampling probabilities have {len(probabilities)} entries for "
                             f"{self.size} examples")
         self.drop_remainder = drop_remainder
+        self.transform = transform
         self.local_batch_size = self.batch_size // process_count
         self.epoch, self.index = 0, 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -159,6 +167,10 @@ class Loader:
         if remaining <= 0 or (self.drop_remainder and remaining < self.batch_size):
             self.epoch, self.index = self.epoch + 1, 0
         batch = self._local_batch(self.order(self.epoch), self.index)
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, self.index, self.process_index])
+            weight = batch.pop(WEIGHT)
+            batch = {**self.transform(batch, rng), WEIGHT: weight}
         self.index += self.batch_size
         return batch
 

@@ -1,0 +1,52 @@
+"""Digits: a small CNN on scikit-learn's 8x8 hand-written digits, split as in its example.
+
+scikit-learn's "Recognizing hand-written digits" example trains on the first half of the
+1797 images and tests on the second half, without shuffling; its SVC reaches 0.969 test
+accuracy. Here: two 3x3 convolutions (16, 32 channels), max-pool, dense 128 with dropout
+0.2; AdamW with warmup + cosine decay, label smoothing 0.1, random +-1 pixel shifts of the
+training images on the host.
+
+Command:   python -m jaxdist.run digits_cnn
+Runtime:   about 10 s on a 2-core CPU (1 device or 8 fake ones), compilation included.
+Result:    test accuracy 0.99 (final `eval` line, `accuracy`); target >= 0.975.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from experiments.digits_mlp import classifier_experiment, load_split
+from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.models.cnn import SmallCNN
+
+
+@dataclass
+class DigitsCNNConfig:
+    """The CNN and its regularization."""
+
+    channels1: int = 16
+    channels2: int = 32
+    dense: int = 128
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+    shift: int = 1  # random shift of training images, in pixels (0: none)
+
+
+def config() -> Config:
+    """800 steps of batch 128 (about 114 epochs of the 898 training images)."""
+    return Config(
+        train=TrainConfig(steps=800, batch_size=128, log_every=100, eval_every=400,
+                          checkpoint_every=400),
+        optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
+                                  schedule="warmup_cosine", warmup_steps=100),
+        model=DigitsCNNConfig(),
+    )
+
+
+def build(config: Config) -> Experiment:
+    """The CNN on the digits split."""
+    m = config.model
+    train, test = load_split()
+    model = SmallCNN(outputs=10, channels=(m.channels1, m.channels2), dense=m.dense,
+                     dropout=m.dropout)
+    return classifier_experiment(model, train, test, m.label_smoothing, m.shift)

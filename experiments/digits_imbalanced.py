@@ -1,0 +1,133 @@
+"""Imbalanced digits: classes 3 and 8 cut to a tenth in training; what weighting buys.
+
+The digits split of `digits_cnn`, but the training half keeps only every 10th image of
+classes 3 and 8 (9 and 9 images instead of about 90). The test half is untouched. Besides
+accuracy, the eval line reports the recall of each cut class (`recall_3`, `recall_8`).
+`model.class_weighting=true` weighs each example's loss by `n / (classes * count_c)`;
+`loader.sampling=balanced` draws training examples so every class is equally likely.
+
+Command:   python -m jaxdist.run digits_imbalanced [model.class_weighting=true |
+           loader.sampling=balanced]
+           python -m experiments.digits_imbalanced     # all three, and the table below
+Runtime:   about 12 s per run on a 2-core CPU; the table about 38 s (8 fake devices).
+Result (2026-11-26, 2-core CPU, 8 fake devices, `python -m experiments.digits_imbalanced`):
+
+    training                 accuracy  recall_3  recall_8
+    plain                    0.973     0.901     0.852
+    class-weighted loss      0.972     0.890     0.898
+    balanced sampling        0.978     0.901     0.920
+
+    With a CNN and +-1 pixel shifts even 9 images of a class go a long way; the remedies
+    mostly lift class 8 (often read as 1 or 9), and balanced sampling does best here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from experiments.digits_mlp import load_split
+from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.losses import accuracy, class_weights_for, cross_entropy
+from jaxdist.models.cnn import SmallCNN
+
+MINORITY = (3, 8)
+
+
+@dataclass
+class ImbalancedConfig:
+    """The CNN of digits_cnn, the cut, and the remedy."""
+
+    keep_every: int = 10  # keep every n-th training image of the minority classes
+    class_weighting: bool = False
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    shift: int = 1
+
+
+def config() -> Config:
+    """As digits_cnn: 800 steps of batch 128."""
+    return Config(
+        train=TrainConfig(steps=800, batch_size=128, log_every=100, eval_every=400,
+                          checkpoint_every=400),
+        optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
+                                  schedule="warmup_cosine", warmup_steps=100),
+        model=ImbalancedConfig(),
+    )
+
+
+def cut(train: dict[str, np.ndarray], keep_every: int) -> dict[str, np.ndarray]:
+    """Keep every `keep_every`-th image of the minority classes, all of the others."""
+    labels = train["label"]
+    keep = np.ones(len(labels), bool)
+    for c in MINORITY:
+        rows = np.nonzero(labels == c)[0]
+        keep[rows] = False
+        keep[rows[::keep_every]] = True
+    return {name: values[keep] for name, values in train.items()}
+
+
+def build(config: Config) -> Experiment:
+    """The CNN on the cut training half; recall of the cut classes on the test half."""
+    from jaxdist.data.augment import random_crop
+
+    m = config.model
+    full_train, test = load_split()
+    train = cut(full_train, m.keep_every)
+    weights = (class_weights_for(np.bincount(train["label"], minlength=10))
+               if m.class_weighting else None)
+    # recall_c as an exact weighted mean over the test set: hit_c / share_c per example.
+    shares = {c: float(np.mean(test["label"] == c)) for c in MINORITY}
+    model = SmallCNN(outputs=10, dropout=m.dropout)
+
+    def metrics(logits, labels):
+        predicted = logits.argmax(axis=-1)
+        out = {"accuracy": accuracy(logits, labels)}
+        for c in MINORITY:
+            out[f"recall_{c}"] = ((predicted == c) & (labels == c)) / shares[c]
+        return out
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, batch["image"], train=True,
+                             rngs={"dropout": rng})
+        return cross_entropy(logits, batch["label"], m.label_smoothing, weights), {
+            "accuracy": accuracy(logits, batch["label"])}
+
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        return cross_entropy(logits, batch["label"]), metrics(logits, batch["label"])
+
+    def shifted(batch, rng):
+        return {**batch, "image": random_crop(batch["image"], rng, m.shift)}
+
+    return Experiment(
+        init_params=lambda rng: model.init(rng, train["image"][:1], train=False)["params"],
+        loss_fn=loss_fn, eval_fn=eval_fn, train_data=train, eval_data=test,
+        train_transform=shifted if m.shift else None)
+
+
+def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:
+    """Train the three variants and print accuracy and minority recall side by side."""
+    from jaxdist.config import apply_overrides
+    from jaxdist.train import fit
+
+    rows = []
+    for name, overrides in [("plain", []),
+                            ("class-weighted loss", ["model.class_weighting=true"]),
+                            ("balanced sampling", ["loader.sampling=balanced"])]:
+        cfg = apply_overrides(config(), overrides)
+        result = fit(build(cfg), cfg, stream=None)
+        rows.append((name, result.last("eval")))
+    print(f"{'training':24s} {'accuracy':>9s} " + " ".join(f"{'recall_' + str(c):>9s}"
+                                                          for c in MINORITY))
+    for name, values in rows:
+        print(f"{name:24s} {values['accuracy']:9.3f} " + " ".join(
+            f"{values[f'recall_{c}']:9.3f}" for c in MINORITY))
+    return rows
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 8)
+    table()

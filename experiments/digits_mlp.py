@@ -1,0 +1,93 @@
+"""Digits: an MLP on scikit-learn's 8x8 hand-written digits, split as in its own example.
+
+scikit-learn's "Recognizing hand-written digits" example trains on the first half of the
+1797 images and tests on the second half, without shuffling; its SVC reaches 0.969 test
+accuracy. Here: an MLP 64-512-512-10 with dropout 0.2, AdamW with warmup + cosine decay,
+label smoothing 0.1, and random +-1 pixel shifts of the training images (on the host).
+
+Command:   python -m jaxdist.run digits_mlp
+Runtime:   about 9 s on a 2-core CPU with 1 device, 18 s with 8 fake devices.
+Result:    test accuracy 0.969 (1 device) / 0.970 (8 fake devices): the SVC's level. The
+           0.975 target is reached by `digits_cnn` (0.99); an MLP sees no translation
+           invariance, and with 898 images its accuracy varies by about +-0.005 with the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.data.augment import random_crop
+from jaxdist.losses import accuracy, cross_entropy
+from jaxdist.models.mlp import MLP
+
+
+@dataclass
+class DigitsModelConfig:
+    """The MLP and its regularization."""
+
+    width: int = 512
+    depth: int = 2
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+    shift: int = 1  # random shift of training images, in pixels (0: none)
+
+
+def config() -> Config:
+    """1000 steps of batch 128."""
+    return Config(
+        train=TrainConfig(steps=1000, batch_size=128, log_every=100, eval_every=500,
+                          checkpoint_every=500),
+        optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
+                                  schedule="warmup_cosine", warmup_steps=100),
+        model=DigitsModelConfig(),
+    )
+
+
+def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """First half of the digits for training, second half for testing; pixels in [0, 1]."""
+    images, labels = load_digits(return_X_y=True)
+    images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
+    labels = labels.astype(np.int32)
+    half = len(images) // 2
+    return ({"image": images[:half], "label": labels[:half]},
+            {"image": images[half:], "label": labels[half:]})
+
+
+def classifier_experiment(model: MLP, train: dict, test: dict, label_smoothing: float,
+                          shift: int, class_weights: np.ndarray | None = None) -> Experiment:
+    """A classifier over `image`/`label` arrays: loss, accuracy, optional shifts."""
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, batch["image"], train=True,
+                             rngs={"dropout": rng})
+        losses = cross_entropy(logits, batch["label"], label_smoothing, class_weights)
+        return losses, {"accuracy": accuracy(logits, batch["label"])}
+
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        return cross_entropy(logits, batch["label"]), {"accuracy": accuracy(logits,
+                                                                             batch["label"])}
+
+    def init_params(rng):
+        return model.init(rng, train["image"][:1], train=False)["params"]
+
+    def shifted(batch, rng):
+        return {**batch, "image": random_crop(batch["image"], rng, shift)}
+
+    return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
+                      train_data=train, eval_data=test,
+                      train_transform=shifted if shift else None)
+
+
+def build(config: Config) -> Experiment:
+    """The MLP on the digits split."""
+    m = config.model
+    train, test = load_split()
+    model = MLP(hidden=[m.width] * m.depth, outputs=10, dropout=m.dropout)
+    return classifier_experiment(model, train, test, m.label_smoothing, m.shift)
+
+
