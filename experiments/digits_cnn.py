@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from experiments.digits_mlp import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.config import apply_overrides
 from jaxdist.models.cnn import SmallCNN
 
 
@@ -41,6 +42,13 @@ def config() -> Config:
                                   schedule="warmup_cosine", warmup_steps=100),
         model=DigitsCNNConfig(),
     )
+
+
+def tiny_config() -> Config:
+    """A few seconds' version for the test suite (8 fake CPU devices)."""
+    return apply_overrides(config(), [
+        "train.steps=20", "train.batch_size=64", "train.log_every=5", "train.eval_every=0",
+        "model.channels1=8", "model.channels2=16", "optimizer.warmup_steps=0"])
 
 
 def build(config: Config) -> Experiment:

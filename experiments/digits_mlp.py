@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop
 from jaxdist.losses import accuracy, cross_entropy
 from jaxdist.models.mlp import MLP
@@ -45,6 +46,13 @@ def config() -> Config:
                                   schedule="warmup_cosine", warmup_steps=100),
         model=DigitsModelConfig(),
     )
+
+
+def tiny_config() -> Config:
+    """A few seconds' version for the test suite (8 fake CPU devices)."""
+    return apply_overrides(config(), [
+        "train.steps=20", "train.batch_size=64", "train.log_every=5", "train.eval_every=0",
+        "model.width=64", "optimizer.warmup_steps=0"])
 
 
 def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

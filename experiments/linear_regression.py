@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.datasets import load_diabetes
 
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist.config import apply_overrides
 
 
 @dataclass
@@ -41,6 +42,12 @@ def config() -> Config:
         optimizer=OptimizerConfig(name="sgd", learning_rate=0.2),
         model=LinearModelConfig(),
     )
+
+
+def tiny_config() -> Config:
+    """A few seconds' version for the test suite (8 fake CPU devices)."""
+    return apply_overrides(config(), [
+        "train.steps=20", "train.log_every=5"])
 
 
 def load_data() -> dict[str, np.ndarray]:
