@@ -8,7 +8,7 @@ are held out. Reported: loss (nats per byte) and `bits_per_byte` on train and he
 
 Sizes (`model.size`): `tiny` (2 layers, width 128, 128-byte context) for the CPU; `small`;
 `gpt2` (12 layers, width 768, 12 heads, 1024-byte context: GPT-2 small's shape; with a
-256-byte vocabulary it has 85M parameters, `model.vocab_size=50257` gives GPT-2's 124M) for
+256-byte vocabulary it has 86M parameters, `model.vocab_size=50257` gives GPT-2's 124M) for
 a GPU, e.g. `model.size=gpt2 train.batch_size=16 train.precision=bf16`.
 
 Command:   python -m jaxdist.run gpt_lm

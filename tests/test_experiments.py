@@ -32,3 +32,34 @@ def test_the_tiny_config_trains_and_the_loss_falls(name):
     assert len(train) >= 2 and result.backend.num_devices == 8
     assert train[-1]["loss"] < train[0]["loss"], train
     assert all(r["nonfinite_steps"] == 0 for r in train)
+
+
+def test_cifar_reads_the_python_batches_and_npz(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from experiments.cifar_resnet import load_cifar
+    from jaxdist.errors import UserError
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    planes = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(4, 3 * 32 * 32), dtype=np.uint8)
+        planes[name] = data
+        with (folder / name).open("wb") as f:
+            pickle.dump({b"data": data, b"labels": list(range(4))}, f)
+    train, test = load_cifar(str(folder))
+    assert train["image"].shape == (20, 32, 32, 3) and test["image"].shape == (4, 32, 32, 3)
+    # channel-planar rows become height x width x channel images
+    first = planes["data_batch_1"][0]
+    assert train["image"][0, 0, 1, 2] == first[2 * 1024 + 1]
+    np.testing.assert_array_equal(test["label"], [0, 1, 2, 3])
+    np.savez(tmp_path / "small.npz", x_train=train["image"], y_train=train["label"],
+             x_test=test["image"], y_test=test["label"])
+    again, _ = load_cifar(str(tmp_path / "small.npz"))
+    np.testing.assert_array_equal(again["image"], train["image"])
+    with pytest.raises(UserError, match="CIFAR-10 python batches"):
+        load_cifar(str(tmp_path))
