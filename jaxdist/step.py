@@ -190,15 +190,21 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         else:
             grads = jax.lax.psum(
                 jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums), AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(model_state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state, model_state
+
         if skip_nonfinite:
+            # A cond, not a select: the common (finite) path costs no extra pass over the
+            # params and optimizer state.
             finite = _all_finite((totals[LOSS_SUM], grads))
-            params, opt_state, model_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
-                (state.params, state.opt_state, state.model_state))
+            params, opt_state, model_state = jax.lax.cond(
+                finite, update, lambda _: (state.params, state.opt_state, state.model_state),
+                model_state)
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
             totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
+        else:
+            params, opt_state, model_state = update(model_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng, model_state=model_state)
         return new_state, totals
@@ -207,8 +213,9 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
+    # A NaN or inf anywhere makes the sum non-finite (inf - inf is NaN): one reduction pass.
+    total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
+    return jnp.isfinite(total)
 
 
 def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
