@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from experiments import digits_cnn
 from experiments.digits_mlp import load_split
-from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist import Config, Experiment
 from jaxdist.config import apply_overrides
 from jaxdist.losses import accuracy, class_weights_for, cross_entropy
 from jaxdist.models.cnn import SmallCNN
@@ -50,14 +51,10 @@ class ImbalancedConfig:
 
 
 def config() -> Config:
-    """As digits_cnn: 800 steps of batch 128."""
-    return Config(
-        train=TrainConfig(steps=800, batch_size=128, log_every=100, eval_every=400,
-                          checkpoint_every=400),
-        optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
-                                  schedule="warmup_cosine", warmup_steps=100),
-        model=ImbalancedConfig(),
-    )
+    """The schedule of digits_cnn: 800 steps of batch 128."""
+    base = digits_cnn.config()
+    base.model = ImbalancedConfig()
+    return base
 
 
 def tiny_config() -> Config:
