@@ -84,7 +84,6 @@ class _Run:
         self.early = EarlyStopping(t.early_stopping.patience, t.early_stopping.metric,
                                    t.early_stopping.mode, t.early_stopping.min_delta)
         self.guard = NonfiniteGuard(t.max_nonfinite)
-        self.synced_step = 0  # the last step whose metrics are on the host
 
     def sync(self, step: int) -> None:
         """Bring the window's pending steps to the host and check their non-finite flags."""
@@ -92,7 +91,6 @@ class _Run:
         first = step - len(rows) + 1
         for offset, row in enumerate(rows):
             self.guard.update(first + offset, row.get(NONFINITE, 0.0) > 0)
-        self.synced_step = step
 
     def meta(self, loader_state: dict, eval_values: dict | None, stop_reason: str) -> dict:
         """Everything but the TrainState that a resumed run needs (JSON-able)."""
@@ -147,10 +145,11 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         checkpoint = store.path(step) if step else None
         if primary:
             (workdir / "config.json").write_text(to_json(config) + "\n")
-    run.synced_step = step
     state = backend.replicate(host_state)
     if step >= t.steps or resumed_reason == "early_stopped":
         logger.close()
+        if store is not None:
+            store.close()
         return TrainResult(state, backend, logger.records, loader.state(), step,
                            "already_complete", checkpoint=checkpoint)
 
