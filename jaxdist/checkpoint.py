@@ -36,6 +36,7 @@ FORMAT = "jaxdist-checkpoint-1"
 PREFIX = "step_"
 MANIFEST = "manifest.json"
 META = "meta.json"
+_UNSCANNED = object()
 
 
 def sha256_file(path: Path) -> str:
@@ -68,6 +69,7 @@ class CheckpointStore:
         # The state is replicated, so in a multi-process run one process (the writer)
         # saves it and every process reads it back; each works with orbax on its own.
         self.writer = writer
+        self._best: Any = _UNSCANNED
         me = jax.process_index()
         self._checkpointer = ocp.StandardCheckpointer(
             multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -107,6 +109,10 @@ class CheckpointStore:
         Only the writer writes; the others just return the path.
         """
         final = self.path(step)
+        score = self._score(meta.get("eval"))
+        best = self._best_known()
+        if score is not None and (best is None or score < best[0]):
+            self._best = (score, step)
         if final.exists() or not self.writer:
             return final
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -170,33 +176,38 @@ class CheckpointStore:
 
     def best_step(self) -> int | None:
         """The checkpoint with the best `best_metric`, among those that recorded it."""
-        if not self.best_metric:
-            return None
-        scored = []
-        for step in self.steps():
-            value = self._metric(step)
-            if value is not None:
-                scored.append((value if self.best_mode == "min" else -value, step))
-        return min(scored)[1] if scored else None
+        best = self._best_known()
+        return None if best is None else best[1]
 
     def improves(self, eval_values: dict[str, float]) -> bool:
         """Whether `eval_values` beat the best checkpoint's `best_metric`."""
-        value = eval_values.get(self.best_metric) if self.best_metric else None
-        if value is None or np.isnan(value):
-            return False
-        best = self.best_step()
-        if best is None:
-            return True
-        previous = self._metric(best)
-        return value < previous if self.best_mode == "min" else value > previous
+        value = self._score(eval_values)
+        best = self._best_known()
+        return value is not None and (best is None or value < best[0])
 
-    def _metric(self, step: int) -> float | None:
-        try:
-            meta = json.loads((self.path(step) / META).read_text())
-        except (OSError, ValueError):
+    def _score(self, eval_values: dict[str, float] | None) -> float | None:
+        """The best metric of `eval_values`, negated under `max`: lower is better."""
+        value = (eval_values or {}).get(self.best_metric) if self.best_metric else None
+        if value is None or np.isnan(value):
             return None
-        value = (meta.get("eval") or {}).get(self.best_metric)
-        return None if value is None or np.isnan(value) else float(value)
+        return float(value) if self.best_mode == "min" else -float(value)
+
+    def _best_known(self) -> tuple[float, int] | None:
+        # Kept in memory after one scan of the metas, and updated by save(): in a
+        # multi-process run every process then decides alike, whatever the writer is
+        # renaming or deleting at that moment.
+        if self._best is _UNSCANNED:
+            scored = []
+            for step in self.steps():
+                try:
+                    meta = json.loads((self.path(step) / META).read_text())
+                except (OSError, ValueError):
+                    continue
+                score = self._score(meta.get("eval"))
+                if score is not None:
+                    scored.append((score, step))
+            self._best = min(scored) if scored else None
+        return self._best
 
     def _prune(self) -> None:
         steps = self.steps()

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import jax
 
+from jaxdist.files import write_text_atomically
 from jaxdist.parallel import Backend
 from jaxdist.progress import Progress
 from jaxdist.step import LOSS_SUM, NONFINITE, WEIGHT_SUM
@@ -113,7 +114,7 @@ class MetricsLogger:
                     continue  # a line cut short by a crash
                 if record.get("step", math.inf) <= step:
                     kept.append(record)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.records = kept
 
     def start_progress(self, initial: int) -> None:

@@ -28,6 +28,7 @@ from jaxdist.data import (
 from jaxdist.distributed import any_process, barrier, is_primary
 from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
+from jaxdist.files import write_text_atomically
 from jaxdist.metrics import TIMING_KEYS, MetricsLogger, MetricWindow
 from jaxdist.optimizers import build_optimizer
 from jaxdist.parallel import Backend, InFlightLimit, make_backend
@@ -143,8 +144,9 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         step, host_state, resumed_reason = _resume(store, config, host_state, run, logger,
                                                    workdir)
         checkpoint = store.path(step) if step else None
+        barrier("resume-read")  # every process has read config.json before it is replaced
         if primary:
-            (workdir / "config.json").write_text(to_json(config) + "\n")
+            write_text_atomically(workdir / "config.json", to_json(config) + "\n")
     state = backend.replicate(host_state)
     if step >= t.steps or resumed_reason == "early_stopped":
         logger.close()
@@ -238,6 +240,7 @@ def _resume(store: CheckpointStore, config: Config, fresh: TrainState, run: _Run
     """Continue from the newest checkpoint in `workdir`, if any: (step, state, stop reason)."""
     store.clean_incomplete()
     barrier("checkpoints-cleaned")
+    store.best_step()  # read the checkpoints' metrics now, while no process writes
     step = store.latest()
     if step is None:
         saved = workdir / "config.json"
