@@ -27,7 +27,7 @@ from benchlib import compare_in_rounds
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-devices", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=20, help="steps per side per round")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     return parser.parse_args()
