@@ -123,22 +123,24 @@ def cli(workdir, *overrides):
 
 
 def test_sigkill_at_random_moments_never_breaks_a_run(tmp_path):
-    # About 2.5 s of start-up, then 2 s of steps with a save every 2 steps: kills land in
-    # start-up, in steps and in saves.
+    # Start-up, then 200 steps with a save every 2 steps: kills land in start-up, in steps
+    # and in saves. Kill times are drawn relative to this machine's uninterrupted run.
     settings = ["train.steps=200", "train.checkpoint_every=2"]
+    started = time.perf_counter()
     reference = subprocess.run(cli(tmp_path / "reference", *settings), cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
+    whole = time.perf_counter() - started
     assert reference.returncode == 0, reference.stderr
     expected = lines(tmp_path / "reference")
     chooser = random.Random(1234)
+    kills = 0
     for trial in range(3):
         workdir = tmp_path / f"trial{trial}"
-        kills = 0
         for _ in range(30):
             process = subprocess.Popen(cli(workdir, *settings), cwd=ROOT, text=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                process.wait(timeout=chooser.uniform(2.0, 5.0))
+                process.wait(timeout=chooser.uniform(0.3, 0.75) * whole)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -148,8 +150,8 @@ def test_sigkill_at_random_moments_never_breaks_a_run(tmp_path):
             break
         else:
             pytest.fail("the run never finished")
-        assert kills >= 1
         assert lines(workdir) == expected
+    assert kills >= 3
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
