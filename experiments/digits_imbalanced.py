@@ -30,10 +30,10 @@ import jax
 import numpy as np
 
 from experiments import digits_cnn
-from experiments.digits_mlp import load_split
+from experiments.digits_mlp import classifier_experiment, load_split
 from jaxdist import Config, Experiment
 from jaxdist.config import apply_overrides
-from jaxdist.losses import accuracy, class_weights_for, cross_entropy
+from jaxdist.losses import accuracy, class_weights_for
 from jaxdist.models.cnn import SmallCNN
 
 MINORITY = (3, 8)
@@ -77,8 +77,6 @@ def cut(train: dict[str, np.ndarray], keep_every: int) -> dict[str, np.ndarray]:
 
 def build(config: Config) -> Experiment:
     """The CNN on the cut training half; recall of the cut classes on the test half."""
-    from jaxdist.data.augment import random_crop
-
     m = config.model
     full_train, test = load_split()
     train = cut(full_train, m.keep_every)
@@ -86,7 +84,6 @@ def build(config: Config) -> Experiment:
                if m.class_weighting else None)
     # recall_c as an exact weighted mean over the test set: hit_c / share_c per example.
     shares = {c: float(np.mean(test["label"] == c)) for c in MINORITY}
-    model = SmallCNN(outputs=10, dropout=m.dropout)
 
     def metrics(logits, labels):
         predicted = logits.argmax(axis=-1)
@@ -95,23 +92,8 @@ def build(config: Config) -> Experiment:
             out[f"recall_{c}"] = ((predicted == c) & (labels == c)) / shares[c]
         return out
 
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["image"], train=True,
-                             rngs={"dropout": rng})
-        return cross_entropy(logits, batch["label"], m.label_smoothing, weights), {
-            "accuracy": accuracy(logits, batch["label"])}
-
-    def eval_fn(params, batch):
-        logits = model.apply({"params": params}, batch["image"], train=False)
-        return cross_entropy(logits, batch["label"]), metrics(logits, batch["label"])
-
-    def shifted(batch, rng):
-        return {**batch, "image": random_crop(batch["image"], rng, m.shift)}
-
-    return Experiment(
-        init_params=lambda rng: model.init(rng, train["image"][:1], train=False)["params"],
-        loss_fn=loss_fn, eval_fn=eval_fn, train_data=train, eval_data=test,
-        train_transform=shifted if m.shift else None)
+    return classifier_experiment(SmallCNN(outputs=10, dropout=m.dropout), train, test,
+                                 m.label_smoothing, m.shift, weights, metrics)
 
 
 def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:

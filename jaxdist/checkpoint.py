@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdist.errors import UserError
+from jaxdist.files import write_text_atomically
 
 PyTree = Any
 FORMAT = "jaxdist-checkpoint-1"
@@ -124,7 +125,8 @@ class CheckpointStore:
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         manifest = {"format": FORMAT,
                     "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True)
+                              + "\n")
         os.rename(tmp, final)
         _fsync_dir(self.folder)
         self._prune()
@@ -224,13 +226,6 @@ class CheckpointStore:
     def close(self) -> None:
         """Release orbax's resources."""
         self._checkpointer.close()
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 
-from benchlib import compare_in_rounds
+from benchlib import compare_in_rounds, mlp_logits, mlp_params
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,16 +82,12 @@ def main() -> None:
         print(f"{name:28s} {statistics.median(host):14.0f} {statistics.median(placed):18.0f}")
 
     sizes = [32 * 32 * 3, 512, 512, 10]
-    keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
-    params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-              for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+    params = mlp_params(sizes)
     tx = optax.adam(1e-4)
 
     def loss_fn(params, batch, rng):
         x = batch["image"].reshape(batch["image"].shape[0], -1).astype(jnp.float32) / 255.0
-        for layer in params[:-1]:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        logits = x @ params[-1]["w"] + params[-1]["b"]
+        logits = mlp_logits(params, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
 
     step = backend.compile(make_train_step(loss_fn, tx))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchlib import compare_in_rounds
+from benchlib import compare_in_rounds, mlp_logits, mlp_params
 
 BASELINE = "hand-written pmap, cond"
 
@@ -59,15 +59,9 @@ def main() -> None:
     x = rng.normal(size=(args.batch, args.features)).astype(np.float32)
     y = rng.integers(0, 10, size=args.batch).astype(np.int32)
     sizes = [args.features, args.hidden, args.hidden, 10]
-    keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
-    params = [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-              for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+    params = mlp_params(sizes)
     tx = optax.adam(1e-4)
-
-    def logits_fn(params, x):
-        for layer in params[:-1]:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        return x @ params[-1]["w"] + params[-1]["b"]
+    logits_fn = mlp_logits
 
     def per_example_loss(params, batch, rng):
         logits = logits_fn(params, batch["x"])

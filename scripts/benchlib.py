@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 
 def compare_in_rounds(sides: dict[str, Callable[[int], float]], baseline: str, rounds: int,
@@ -36,3 +37,23 @@ def compare_in_rounds(sides: dict[str, Callable[[int], float]], baseline: str, r
         median = statistics.median(ratios[name])
         print(f"{name:30s} {statistics.median(values):20.1f} {min(values):10.1f} "
               f"{max(values):10.1f} {median:9.3f} ({q1:.3f}-{q3:.3f}) {1 / median:11.3f}")
+
+
+def mlp_params(sizes: list[int], seed: int = 0) -> list[dict[str, Any]]:
+    """ReLU-MLP weights for layer widths `sizes` (input first, logits last)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
+    return [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+            for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+
+
+def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
+    """The MLP of `mlp_params` applied to `x` `[batch, sizes[0]]`."""
+    import jax
+
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]

@@ -13,6 +13,7 @@ import pytest
 
 from jaxdist.launch import free_port
 from tests.id_experiment import SIZE
+from tests.toy import wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ID_EXPERIMENT = str(ROOT / "tests" / "id_experiment.py")
@@ -87,9 +88,7 @@ def test_a_dead_peer_stops_the_survivor_within_60_seconds(tmp_path):
          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
         cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for i in range(2)]
-    deadline = time.time() + 120
-    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_file(workdir / "metrics.jsonl")
     assert (workdir / "metrics.jsonl").exists(), processes[0].stderr.read()[-2000:]
     processes[1].send_signal(signal.SIGKILL)
     killed = time.time()
@@ -120,9 +119,7 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_step(tmp_path):
          "4", *LINEAR, "train.steps=10000000", "train.checkpoint_every=0",
          "--workdir", str(workdir)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_file(workdir / "metrics.jsonl")
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, err[-2000:]

@@ -17,7 +17,7 @@ from jaxdist import fit, make_backend, make_train_step
 from jaxdist.checkpoint import CheckpointStore
 from jaxdist.errors import UserError
 from jaxdist.step import NONFINITE, TrainState
-from tests.toy import make_data, mlp_experiment, toy_config
+from tests.toy import make_data, mlp_experiment, toy_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,9 +159,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
     process = subprocess.Popen(cli(workdir, "train.steps=1000000", "train.checkpoint_every=0"),
                                cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_file(workdir / "metrics.jsonl")
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,3 +52,11 @@ def toy_config(steps: int = 5, batch_size: int = 32, devices: int = 0, backend: 
         optimizer=OptimizerConfig(name=optimizer, learning_rate=learning_rate),
         parallel=ParallelConfig(backend=backend, grad_reduce=grad_reduce, devices=devices),
     )
+
+
+def wait_for_file(path: Path, timeout: float = 120) -> bool:
+    """Wait until `path` exists (a subprocess run has started logging); False on timeout."""
+    deadline = time.time() + timeout
+    while not Path(path).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return Path(path).exists()
