@@ -32,8 +32,9 @@ from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop, random_flip
 from jaxdist.errors import UserError
-from jaxdist.losses import accuracy, cross_entropy
+from jaxdist.losses import accuracy, check_labels, cross_entropy
 from jaxdist.models.resnet import ResNet
+from jaxdist.precision import compute_dtype
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -134,7 +135,11 @@ def build(config: Config) -> Experiment:
               f"({d.synthetic_train} train / {d.synthetic_test} test images), not CIFAR-10",
               file=sys.stderr)
         train, test = synthetic(d.synthetic_train, d.synthetic_test)
-    model = ResNet(outputs=10, width=m.width, blocks=m.blocks)
+    check_labels(train["label"], 10, "the CIFAR training data")
+    check_labels(test["label"], 10, "the CIFAR test data")
+    precision = config.train.precision
+    dtype = compute_dtype(precision)
+    model = ResNet(outputs=10, width=m.width, blocks=m.blocks, dtype=dtype)
     init_model = ResNet(outputs=10, width=m.width, blocks=m.blocks, axis_name=None)
 
     def normalize(images):
@@ -163,4 +168,4 @@ def build(config: Config) -> Experiment:
     return Experiment(init_params=lambda rng: init_variables(rng)["params"],
                       init_model_state=lambda rng: init_variables(rng)["batch_stats"],
                       loss_fn=loss_fn, eval_fn=eval_fn, train_data=train, eval_data=test,
-                      train_transform=augment)
+                      train_transform=augment, precision=precision)

@@ -19,6 +19,7 @@ from experiments.digits_mlp import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.models.cnn import SmallCNN
+from jaxdist.precision import compute_dtype
 
 
 @dataclass
@@ -55,6 +56,8 @@ def build(config: Config) -> Experiment:
     """The CNN on the digits split."""
     m = config.model
     train, test = load_split()
+    precision = config.train.precision
     model = SmallCNN(outputs=10, channels=(m.channels1, m.channels2), dense=m.dense,
-                     dropout=m.dropout)
-    return classifier_experiment(model, train, test, m.label_smoothing, m.shift)
+                     dropout=m.dropout, dtype=compute_dtype(precision))
+    return classifier_experiment(model, train, test, m.label_smoothing, m.shift,
+                                 precision=precision)

@@ -35,6 +35,7 @@ from jaxdist import Config, Experiment
 from jaxdist.config import apply_overrides
 from jaxdist.losses import accuracy, class_weights_for
 from jaxdist.models.cnn import SmallCNN
+from jaxdist.precision import compute_dtype
 
 MINORITY = (3, 8)
 
@@ -92,8 +93,10 @@ def build(config: Config) -> Experiment:
             out[f"recall_{c}"] = ((predicted == c) & (labels == c)) / shares[c]
         return out
 
-    return classifier_experiment(SmallCNN(outputs=10, dropout=m.dropout), train, test,
-                                 m.label_smoothing, m.shift, weights, metrics)
+    precision = config.train.precision
+    model = SmallCNN(outputs=10, dropout=m.dropout, dtype=compute_dtype(precision))
+    return classifier_experiment(model, train, test, m.label_smoothing, m.shift, weights,
+                                 metrics, precision=precision)
 
 
 def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:

@@ -24,8 +24,9 @@ from sklearn.datasets import load_digits
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop
-from jaxdist.losses import accuracy, cross_entropy
+from jaxdist.losses import accuracy, check_labels, cross_entropy
 from jaxdist.models.mlp import MLP
+from jaxdist.precision import compute_dtype
 
 
 @dataclass
@@ -69,12 +70,17 @@ def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 def classifier_experiment(model: nn.Module, train: dict, test: dict, label_smoothing: float,
                           shift: int, class_weights: np.ndarray | None = None,
-                          eval_metrics: Callable | None = None) -> Experiment:
+                          eval_metrics: Callable | None = None,
+                          precision: str = "fp32") -> Experiment:
     """A classifier over `image`/`label` arrays: loss, accuracy, optional shifts.
 
+    `model` has `outputs` classes and computes in `precision` (built with
+    `dtype=compute_dtype(precision)`); labels outside its classes are refused here.
     `eval_metrics(logits, labels) -> dict` of per-example metrics replaces the accuracy
     reported on the test split.
     """
+    check_labels(train["label"], model.outputs, "the training data")
+    check_labels(test["label"], model.outputs, "the test data")
     eval_metrics = eval_metrics or (lambda logits, labels: {"accuracy": accuracy(logits,
                                                                                   labels)})
 
@@ -96,14 +102,17 @@ def classifier_experiment(model: nn.Module, train: dict, test: dict, label_smoot
 
     return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
                       train_data=train, eval_data=test,
-                      train_transform=shifted if shift else None)
+                      train_transform=shifted if shift else None, precision=precision)
 
 
 def build(config: Config) -> Experiment:
     """The MLP on the digits split."""
     m = config.model
     train, test = load_split()
-    model = MLP(hidden=[m.width] * m.depth, outputs=10, dropout=m.dropout)
-    return classifier_experiment(model, train, test, m.label_smoothing, m.shift)
+    precision = config.train.precision
+    model = MLP(hidden=[m.width] * m.depth, outputs=10, dropout=m.dropout,
+                dtype=compute_dtype(precision))
+    return classifier_experiment(model, train, test, m.label_smoothing, m.shift,
+                                 precision=precision)
 
 

@@ -31,6 +31,7 @@ from jaxdist.data.text import ByteWindows, read_bytes, text_files
 from jaxdist.errors import UserError
 from jaxdist.losses import cross_entropy
 from jaxdist.models.gpt import GPT, SIZES
+from jaxdist.precision import compute_dtype
 
 
 @dataclass
@@ -80,7 +81,9 @@ def build(config: Config) -> Experiment:
     split = int(len(text) * (1 - d.held_out))
     train, held_out = ByteWindows(text[:split], size.seq_len), ByteWindows(text[split:],
                                                                             size.seq_len)
-    model = GPT(vocab_size=m.vocab_size, size=size, dropout=m.dropout)
+    precision = config.train.precision
+    model = GPT(vocab_size=m.vocab_size, size=size, dropout=m.dropout,
+                dtype=compute_dtype(precision))
 
     def per_sequence(logits, tokens):
         targets = tokens[:, 1:]
@@ -104,4 +107,4 @@ def build(config: Config) -> Experiment:
         return model.init(rng, dummy, train=False)["params"]
 
     return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
-                      train_data=train, eval_data=held_out)
+                      train_data=train, eval_data=held_out, precision=precision)

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdist.data.row_random import RowRandom
 from jaxdist.step import EvalFn, LossFn
 
 PyTree = Any
@@ -33,7 +34,13 @@ class Experiment:
       `loss_fn(params, model_state, batch, rng) -> (losses, aux, new_model_state)` and
       `eval_fn` is `eval_fn(params, model_state, batch) -> (losses, aux)` (required).
     - `train_transform(batch, rng) -> batch`: host-side augmentation of training batches
-      (see `jaxdist.data.augment`), with a numpy Generator that repeats on resume.
+      (see `jaxdist.data.augment`); `rng` is a `jaxdist.data.RowRandom`, one random stream
+      per row, which repeats on resume and on any number of processes.
+    - `precision`: what the model computes in, `"fp32"` or `"bf16"`; it must equal the
+      config's `train.precision`. Precision lives in the model: for "bf16", `build(config)`
+      builds it to compute in bfloat16 from float32 params (flax: `dtype=jnp.bfloat16`, see
+      `jaxdist.precision`), leaving targets, losses and metrics in float32, and says so
+      here. An experiment that ignores `train.precision` keeps "fp32" and refuses "bf16".
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -42,7 +49,8 @@ class Experiment:
     eval_data: Mapping[str, np.ndarray] | Any | None = None
     eval_fn: EvalFn | None = None
     init_model_state: Callable[[jax.Array], PyTree] | None = None
-    train_transform: Callable[[dict, np.random.Generator], dict] | None = None
+    train_transform: Callable[[dict, RowRandom], dict] | None = None
+    precision: str = "fp32"
 
     @property
     def has_state(self) -> bool:

@@ -1,15 +1,22 @@
-"""Per-example losses: one value per example, for the core's exact weighted means."""
+"""Per-example losses: one value per example, for the core's exact weighted means.
+
+Losses are computed in float32 whatever dtype the model computed in (see
+`jaxdist.precision`).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jaxdist.errors import UserError
 
 
 def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """`(prediction - target)^2` per example, summed over any trailing axes."""
-    error = (predictions - targets) ** 2
+    """`(prediction - target)^2` per example, summed over any trailing axes, in float32."""
+    error = (predictions.astype(jnp.float32) - targets.astype(jnp.float32)) ** 2
     return error.reshape(error.shape[0], -1).sum(axis=1)
 
 
@@ -17,9 +24,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
                   class_weights: jax.Array | None = None) -> jax.Array:
     """Softmax cross-entropy per example, with optional label smoothing and class weights.
 
-    `labels` are integer classes. Label smoothing puts `1 - label_smoothing` on the label and
-    spreads `label_smoothing` evenly over all classes. `class_weights[c]` multiplies the loss
-    of every example of class `c` (e.g. `class_weights_for(counts)` to balance classes).
+    `labels` are integer classes in `[0, classes)`; an example whose label is outside gets a
+    NaN loss (whatever the smoothing), which the non-finite guard reports, rather than a
+    quietly wrong finite one. Check labels on the host with `check_labels` when the data is
+    loaded. Label smoothing puts `1 - label_smoothing` on the label and spreads
+    `label_smoothing` evenly over all classes. `class_weights[c]` multiplies the loss of
+    every example of class `c` (e.g. `class_weights_for(counts)` to balance classes).
     """
     num_classes = logits.shape[-1]
     logits = logits.astype(jnp.float32)
@@ -29,8 +39,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     else:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if class_weights is not None:
-        losses = losses * jnp.asarray(class_weights, jnp.float32)[labels]
-    return losses
+        weights = jnp.asarray(class_weights, jnp.float32)
+        losses = losses * weights[jnp.clip(labels, 0, num_classes - 1)]
+    in_range = (labels >= 0) & (labels < num_classes)
+    return jnp.where(in_range, losses, jnp.nan)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, what: str = "data") -> None:
+    """Refuse (one line) integer labels outside `[0, num_classes)`; cheap, on the host."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{what} labels are {labels.dtype}; a classifier needs integer "
+                        f"classes in [0, {num_classes})")
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        first = int(np.argmax(outside.reshape(-1)))
+        raise UserError(f"{what} has {int(outside.sum())} label(s) outside [0, {num_classes}) "
+                        f"(e.g. {int(labels.reshape(-1)[first])} at row {first}); the model "
+                        f"has {num_classes} classes: fix the labels or the number of classes")
 
 
 def class_weights_for(counts: jax.Array) -> jax.Array:

@@ -82,40 +82,60 @@ class MetricWindow:
         self.totals, self.steps = dict(state["totals"]), int(state["steps"])
 
 
+def to_json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line: a non-finite value is written as null."""
+    finite = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
+              for name, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def from_json_line(line: str) -> dict[str, Any]:
+    """A record from `to_json_line`: null reads back as NaN."""
+    return {name: math.nan if value is None else value
+            for name, value in json.loads(line).items()}
+
+
 class MetricsLogger:
     """Writes logged points to `metrics.jsonl` and TensorBoard (with a workdir) and the console.
 
-    On a terminal the console shows a live progress line (step/total, loss, steps/s,
+    `metrics.jsonl` is strict JSON, one point per line (a non-finite value is `null`). On a
+    terminal the console shows a live progress line (step/total, loss, steps/s,
     examples/s, ETA) with the logged points printed above it; elsewhere, one plain line
     per logged point.
     """
 
     def __init__(self, workdir: Path | None = None, stream: TextIO | None = sys.stdout,
-                 total_steps: int | None = None, tensorboard: bool = True):
-        self.path = Path(workdir) / METRICS_FILE if workdir is not None else None
+                 total_steps: int | None = None):
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.path = self.workdir / METRICS_FILE if self.workdir is not None else None
         self.stream = stream
         self.total_steps = total_steps
         self.records: list[dict[str, Any]] = []
         self.progress: Progress | None = None
         self._tensorboard = None
-        if workdir is not None and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def resume_at(self, step: int) -> None:
-        """Keep the logged points up to `step` (and no torn line); later ones will be redone."""
+        """Keep the logged points up to `step` (and no torn line); later ones will be redone.
+
+        TensorBoard's event files are opened with `purge_step=step + 1`, so TensorBoard
+        drops the points a crashed run logged after `step`, as `metrics.jsonl` does.
+        """
         kept = []
         if self.path is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
-                    record = json.loads(line)
+                    record = from_json_line(line)
                 except ValueError:
                     continue  # a line cut short by a crash
                 if record.get("step", math.inf) <= step:
                     kept.append(record)
-            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomically(self.path, "".join(to_json_line(r) for r in kept))
         self.records = kept
+        if self.workdir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"),
+                                              purge_step=step + 1)
 
     def start_progress(self, initial: int) -> None:
         """Show the live progress line (only on a terminal)."""
@@ -134,7 +154,7 @@ class MetricsLogger:
         self.records.append(record)
         if self.path is not None:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json_line(record))
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(f"{split}/{name}", value, step)

@@ -1,20 +1,45 @@
-"""Build the optax transformation and learning-rate schedule an `OptimizerConfig` names."""
+"""Build the optax transformation and learning-rate schedule an `OptimizerConfig` names.
+
+A run's schedule is fixed when the run starts: `decay_steps=0` ("decay over the run") is
+resolved to that run's `train.steps` by `fix_schedule_horizon` and saved with the run, so a
+run resumed with more steps continues the very same schedule (after its end, at its final
+rate) instead of stretching it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
 import optax
 
-from jaxdist.config import OptimizerConfig
+from jaxdist.config import Config, OptimizerConfig
 
 
-def build_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """The learning rate as a function of the update count."""
+def fix_schedule_horizon(config: Config, saved: Mapping[str, Any] | None = None) -> Config:
+    """`config` with `optimizer.decay_steps` resolved, if its schedule decays over the run.
+
+    `saved` is the config (as a dict) that a resumed run was started with: its horizon is
+    kept. A fresh run's horizon is its `train.steps`.
+    """
+    o = config.optimizer
+    if o.schedule != "warmup_cosine" or o.decay_steps:
+        return config
+    horizon = (saved or {}).get("optimizer", {}).get("decay_steps") or config.train.steps
+    return dataclasses.replace(config, optimizer=dataclasses.replace(o, decay_steps=horizon))
+
+
+def build_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """The learning rate as a function of the number of updates applied so far."""
     peak = config.learning_rate
     if config.schedule == "warmup_cosine":
-        decay = config.decay_steps or total_steps
+        if not config.decay_steps:
+            raise ValueError("optimizer.decay_steps must be resolved (fix_schedule_horizon)")
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
-            decay_steps=max(decay, config.warmup_steps + 1),
+            decay_steps=max(config.decay_steps, config.warmup_steps + 1),
             end_value=peak * config.final_fraction)
     if config.schedule == "step":
         return optax.exponential_decay(peak, transition_steps=config.step_every,
@@ -22,26 +47,39 @@ def build_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.constant_schedule(peak)
 
 
-def build_optimizer(config: OptimizerConfig,
-                    total_steps: int = 1) -> optax.GradientTransformation:
-    """Return the optax transformation for `config` over a run of `total_steps` updates.
+def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """Return the optax transformation for `config` (its schedule's horizon resolved).
 
     `weight_decay` is decoupled for `adamw` and `lamb` and added to the gradient for the
-    others; `clip_norm` clips the global gradient norm before everything else.
+    others; `clip_norm` clips the global gradient norm before everything else. The learning
+    rate of the last applied update is kept in the optimizer state (optax's
+    `inject_hyperparams`), where `learning_rate(opt_state)` reads it.
     """
-    lr = build_schedule(config, total_steps)
-    if config.name == "adamw":
-        base = optax.adamw(lr, weight_decay=config.weight_decay)
-    elif config.name == "lamb":
-        base = optax.lamb(lr, weight_decay=config.weight_decay)
-    else:
+
+    def with_rate(learning_rate):
+        if config.name == "adamw":
+            return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+        if config.name == "lamb":
+            return optax.lamb(learning_rate, weight_decay=config.weight_decay)
         base = {
-            "sgd": lambda: optax.sgd(lr),
-            "momentum": lambda: optax.sgd(lr, momentum=config.momentum),
-            "adam": lambda: optax.adam(lr),
+            "sgd": lambda: optax.sgd(learning_rate),
+            "momentum": lambda: optax.sgd(learning_rate, momentum=config.momentum),
+            "adam": lambda: optax.adam(learning_rate),
         }[config.name]()
         if config.weight_decay:
-            base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+            return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+        return base
+
+    tx = optax.inject_hyperparams(with_rate)(learning_rate=build_schedule(config))
     if config.clip_norm:
-        return optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
-    return base
+        return optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+    return tx
+
+
+def learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate of the last update, from a `build_optimizer` state."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        names = [getattr(key, "name", getattr(key, "key", None)) for key in path[-2:]]
+        if names == ["hyperparams", "learning_rate"]:
+            return leaf
+    raise ValueError("the optimizer state holds no learning rate (not from build_optimizer)")

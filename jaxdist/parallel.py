@@ -9,6 +9,12 @@ the global batch, with collectives over the axis named `batch`.
 - `ShardMapBackend`: `jax.jit(jax.shard_map(step, mesh, in_specs=(P(), P("batch"))))` on a 1-D
   mesh. Replicated values keep their own shape; a global batch `[B, ...]` is split along its
   first axis.
+
+Every output of a step must be the same on every device (a `psum`/`pmean`, or computed from
+such values only). shard_map checks this by type (`check_vma=True`): a value computed from
+one device's rows alone is "varying", and jaxdist refuses it with one line that names it.
+pmap does not track this, so the pmap backend runs the same check by tracing the step once
+under shard_map (no compute) before its first call.
 """
 
 from __future__ import annotations
@@ -53,6 +59,64 @@ def global_devices(local_count: int) -> list[jax.Device]:
     for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
         by_process.setdefault(device.process_index, []).append(device)
     return [d for p in sorted(by_process) for d in by_process[p][:local_count]]
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The mesh axes along which the traced value `x` may differ (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax < 0.10
+    if vma is None:
+        mat = getattr(aval, "mat", None)  # jax >= 0.10: the manual axis type
+        vma = mat.varying if mat is not None else frozenset()
+    return frozenset(vma)
+
+
+def mark_varying(tree: PyTree) -> PyTree:
+    """Mark every leaf of `tree` as (possibly) differing across the devices of axis `batch`.
+
+    Inside shard_map, differentiating with respect to params so marked gives each device's
+    own gradient, rather than one that JAX has already summed over devices. Leaves already
+    varying are kept; under pmap (which does not track this) it changes nothing.
+    """
+    cast = getattr(jax.lax, "pcast", None)
+
+    def mark(x):
+        if AXIS in _varying_axes(x):
+            return x
+        if cast is not None:
+            return cast(x, AXIS, to="varying")
+        return jax.lax.pvary(x, AXIS)  # jax < 0.10
+
+    return jax.tree.map(mark, tree)
+
+
+def require_same_on_every_device(tree: PyTree, name: str) -> None:
+    """Refuse (one line) a traced value that may differ across devices, naming its leaves."""
+    varying = [jax.tree_util.keystr(path) for path, leaf in
+               jax.tree_util.tree_flatten_with_path(tree)[0] if AXIS in _varying_axes(leaf)]
+    if varying:
+        listed = ", ".join(f"{name}{path}" for path in varying[:3])
+        more = f" and {len(varying) - 3} more" if len(varying) > 3 else ""
+        raise UserError(
+            f"{listed}{more} differs across devices: it is computed from one device's rows "
+            f"only, so a checkpoint would keep device 0's copy and a resumed run would differ; "
+            f"combine it over devices with jax.lax.psum/pmean over axis '{AXIS}' (for "
+            f"BatchNorm, jaxdist.models.batchnorm.CrossReplicaBatchNorm)")
+
+
+def _replicated_step(step: StepFn) -> StepFn:
+    """`step`, refusing outputs that may differ across devices (checked while tracing)."""
+
+    def checked(state, batch):
+        outputs = step(state, batch)
+        if isinstance(outputs, tuple) and len(outputs) == 2:  # a train step
+            require_same_on_every_device(outputs[0], "state")
+            require_same_on_every_device(outputs[1], "metrics")
+        else:
+            require_same_on_every_device(outputs, "output")
+        return outputs
+
+    return checked
 
 
 def split_leading_axis(x: np.ndarray, parts: int) -> np.ndarray:
@@ -133,9 +197,27 @@ class PmapBackend(Backend):
             lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
 
     def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
-        """`jax.pmap` with axis name `batch`, donating the state buffers."""
-        return jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
-                        donate_argnums=(0,) if donate_state else ())
+        """`jax.pmap` with axis name `batch`, donating the state buffers.
+
+        Before the first call, the step is traced once under shard_map on the same devices
+        (no compute), which refuses an output that may differ across devices.
+        """
+        mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
+                          donate_argnums=(0,) if donate_state else ())
+        checked = jax.shard_map(_replicated_step(step), mesh=self.mesh,
+                                in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
+        first_call = True
+
+        def run(state: PyTree, batch: PyTree) -> PyTree:
+            nonlocal first_call
+            if first_call:
+                processes = len(self.global_devices) // self.num_devices
+                jax.eval_shape(checked, *_per_device_shapes(state, batch, processes))
+                first_call = False
+            return mapped(state, batch)
+
+        run.lower = mapped.lower  # type: ignore[attr-defined]
+        return run
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Row i of every leaf is device i's copy."""
@@ -182,11 +264,8 @@ class ShardMapBackend(Backend):
 
     def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
         """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch."""
-        # check_vma=False keeps the per-device function's meaning identical to pmap's: with
-        # replication checking on, jax.grad of replicated params over split data inserts an
-        # implicit psum, and the step's own psum would then count every gradient n times.
-        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=P(), check_vma=False)
+        mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
+                               in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
@@ -197,6 +276,18 @@ class ShardMapBackend(Backend):
     def first_copy(self, tree: PyTree) -> PyTree:
         """Read only the first device's copy of every leaf."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+
+def _per_device_shapes(state: PyTree, batch: PyTree, processes: int) -> tuple[PyTree, PyTree]:
+    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch."""
+    def one_copy(x):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+    def whole(x):
+        return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
+                                    x.dtype)
+
+    return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
 
 
 BACKENDS: dict[str, type[Backend]] = {"pmap": PmapBackend, "shard_map": ShardMapBackend}

@@ -7,13 +7,12 @@ One figure per metric (loss first), train and eval curves against the step, writ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from jaxdist.errors import UserError
-from jaxdist.metrics import METRICS_FILE
+from jaxdist.metrics import METRICS_FILE, from_json_line
 
 SKIP = {"step", "split", "examples"}
 
@@ -27,7 +26,7 @@ def read_curves(workdir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
         lambda: defaultdict(list))
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
+            record = from_json_line(line)
         except ValueError:
             continue  # a line cut short by a crash
         for name, value in record.items():

@@ -7,10 +7,10 @@ of per-example metrics (each shape `[b]`). Every batch carries `batch["weight"]`
 gradients (BatchNorm statistics) uses the stateful form
 `loss_fn(params, model_state, batch, rng) -> (losses, aux, new_model_state)`.
 
-Options of the train step: `precision="bf16"` computes the loss in bfloat16 from float32
-params (the gradients and the update stay float32); `grad_accum=k` runs each device's batch
-as k micro-batches and makes one update from the sum of their gradients, which equals one
-step on the whole batch.
+Options of the train step: `grad_accum=k` runs each device's batch as k micro-batches and
+makes one update from the sum of their gradients, which equals one step on the whole batch.
+Precision lives in the model (see `jaxdist.precision`): the step casts nothing, and the
+losses and metrics it sums are float32 whatever the model computed them in.
 
 Gradient reduction (`grad_reduce`):
 - `"mean"` (default): each device differentiates its weighted *sum* of losses and the update
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdist.parallel import AXIS
+from jaxdist.errors import UserError
+from jaxdist.parallel import AXIS, mark_varying, require_same_on_every_device
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -80,30 +81,6 @@ def stateful_eval(eval_fn: EvalFn) -> StatefulEvalFn:
     return lambda params, model_state, batch: eval_fn(params, batch)
 
 
-def in_precision(fn: Callable, precision: str) -> Callable:
-    """Call `fn(params, model_state, batch, ...)` with float32 params and inputs in bf16.
-
-    The losses and metrics come back as float32; the cast is differentiated through, so the
-    gradients with respect to the float32 params are float32.
-    """
-    if precision == "fp32":
-        return fn
-    if precision != "bf16":
-        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
-
-    def to_bf16(x):
-        return x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
-
-    def cast(params, model_state, batch, *rest):
-        inputs = {k: v if k == "weight" else to_bf16(v) for k, v in batch.items()}
-        out = fn(jax.tree.map(to_bf16, params), model_state, inputs, *rest)
-        losses, aux = out[0].astype(jnp.float32), jax.tree.map(
-            lambda v: v.astype(jnp.float32), out[1])
-        return (losses, aux, *out[2:])
-
-    return cast
-
-
 def device_rng(root: jax.Array, step: jax.Array) -> jax.Array:
     """The key for this device at this step: fold in the step, then the device's index.
 
@@ -116,47 +93,66 @@ def device_rng(root: jax.Array, step: jax.Array) -> jax.Array:
 
 def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
                    weights: jax.Array) -> dict[str, jax.Array]:
+    """Float32 sums of the per-example values over this device's real rows."""
     if losses.shape != weights.shape:
-        raise ValueError(
+        raise UserError(
             f"loss_fn must return one loss per example, shape {weights.shape}; got shape "
             f"{losses.shape}. Return the per-example losses, not their mean.")
-    sums = {LOSS_SUM: jnp.sum(losses * weights), WEIGHT_SUM: jnp.sum(weights)}
+    real = weights > 0
+
+    def total(values: jax.Array) -> jax.Array:
+        # A select, not a product: a padding row's value never enters (NaN * 0 is NaN).
+        return jnp.sum(jnp.where(real, values.astype(jnp.float32) * weights, 0.0))
+
+    sums = {LOSS_SUM: total(losses), WEIGHT_SUM: jnp.sum(weights)}
     for name, values in aux.items():
         if values.shape != weights.shape:
-            raise ValueError(f"aux[{name!r}] must have one value per example, shape "
-                             f"{weights.shape}; got shape {values.shape}")
-        sums[name] = jnp.sum(values * weights)
+            raise UserError(f"aux[{name!r}] must have one value per example, shape "
+                            f"{weights.shape}; got shape {values.shape}")
+        sums[name] = total(values)
     return sums
 
 
 def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
                     grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
-                    *, has_state: bool = False, precision: str = "fp32", grad_accum: int = 1
+                    *, has_state: bool = False, grad_accum: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
-    The returned metrics are sums over all devices (`loss`, `weight` and each aux name);
-    divide by `weight` for the exact mean. Map the step with a backend from
+    The returned metrics are sums over all devices (`loss`, `weight`, `nonfinite_steps` and
+    each aux name); divide by `weight` for the exact mean. Map the step with a backend from
     `jaxdist.parallel`. `has_state` says `loss_fn` is in the stateful form.
 
-    With `skip_nonfinite`, a step whose global loss or gradient holds a NaN or inf changes
-    neither the params, the model state nor the optimizer state, on every device alike (the
-    test is made on the all-reduced values, which every device shares); its metric sums are
-    zeroed and `nonfinite_steps` is 1.
+    A step whose global loss or gradient holds a NaN or inf counts 1 in `nonfinite_steps`.
+    With `skip_nonfinite` it also changes neither the params, the model state nor the
+    optimizer state, on every device alike (the test is made on the all-reduced values,
+    which every device shares), and its metric sums are zeroed.
+
+    A micro-batch whose total weight over all devices is 0 (all padding) leaves the model
+    state (e.g. BatchNorm's running statistics) as it was.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
-    loss = in_precision(loss_fn if has_state else stateful(loss_fn), precision)
+    loss = loss_fn if has_state else stateful(loss_fn)
 
     def weighted_loss_sum(params, model_state, batch, rng):
-        losses, aux, model_state = loss(params, model_state, batch, rng)
+        losses, aux, new_state = loss(params, model_state, batch, rng)
         sums = _weighted_sums(losses, aux, batch["weight"])
-        return sums[LOSS_SUM], (sums, model_state)
+        if has_state:
+            require_same_on_every_device(new_state, "model_state")
+            # One scalar psum: a batch that is all padding on every device changes nothing.
+            seen = jax.lax.psum(sums[WEIGHT_SUM], AXIS) > 0
+            new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
+                                     model_state)
+        return sums[LOSS_SUM], (sums, new_state)
 
     grad_fn = jax.grad(weighted_loss_sum, has_aux=True)
 
     def local_gradients(params, model_state, batch, rng):
         """Gradient of this device's weighted loss sum, its metric sums, the model state."""
+        # Marked as differing across devices, the params' gradient is this device's own;
+        # the step's psum is then the one reduction, under shard_map as under pmap.
+        params = mark_varying(params)
         if grad_accum == 1:
             grads, (sums, model_state) = grad_fn(params, model_state, batch, rng)
             return grads, sums, model_state
@@ -167,12 +163,12 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
             index, micro_batch = inputs
             g, (s, model_state) = grad_fn(params, model_state, micro_batch,
                                           jax.random.fold_in(rng, index))
-            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s),
-                    model_state), None
+            return (mark_varying(jax.tree.map(jnp.add, grads, g)),
+                    mark_varying(jax.tree.map(jnp.add, sums, s)), model_state), None
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             grad_fn, params, model_state, jax.tree.map(lambda x: x[0], micro), rng))
-        carry = (zeros[0], zeros[1][0], model_state)
+        carry = (mark_varying(zeros[0]), mark_varying(zeros[1][0]), model_state)
         (grads, sums, model_state), _ = jax.lax.scan(
             accumulate, carry, (jnp.arange(grad_accum), micro))
         return grads, sums, model_state
@@ -190,21 +186,22 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         else:
             grads = jax.lax.psum(
                 jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums), AXIS)
+
         def update(model_state):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             return optax.apply_updates(state.params, updates), opt_state, model_state
 
+        finite = _all_finite((totals[LOSS_SUM], grads))
         if skip_nonfinite:
             # A cond, not a select: the common (finite) path costs no extra pass over the
             # params and optimizer state.
-            finite = _all_finite((totals[LOSS_SUM], grads))
             params, opt_state, model_state = jax.lax.cond(
                 finite, update, lambda _: (state.params, state.opt_state, state.model_state),
                 model_state)
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
-            totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
         else:
             params, opt_state, model_state = update(model_state)
+        totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng, model_state=model_state)
         return new_state, totals
@@ -218,15 +215,15 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.isfinite(total)
 
 
-def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
-                   precision: str = "fp32") -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False
+                   ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Build the per-device step `(state, batch) -> summed_metrics`.
 
     `eval_fn(params, batch) -> (losses, aux)` (or `eval_fn(params, model_state, batch)` with
     `has_state`) is deterministic (no dropout). Padding rows weigh 0, so summing over an
     epoch of padded batches counts every example exactly once.
     """
-    evaluate = in_precision(eval_fn if has_state else stateful_eval(eval_fn), precision)
+    evaluate = eval_fn if has_state else stateful_eval(eval_fn)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         losses, aux = evaluate(state.params, state.model_state, batch)

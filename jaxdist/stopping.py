@@ -57,31 +57,21 @@ class EarlyStopping:
 
 
 class NonfiniteGuard:
-    """Follows the per-step non-finite flags; `limit` in a row end the run with an error."""
+    """Follows the per-step non-finite flags; `limit` in a row end the run (0: never)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.run = 0  # consecutive non-finite steps up to the last flag seen
-        self.last_bad_step: int | None = None
 
-    def update(self, step: int, nonfinite: bool) -> None:
-        """Record step `step`'s flag; raise `UserError` once `limit` come in a row."""
-        if not nonfinite:
-            self.run = 0
-            return
-        self.run += 1
-        self.last_bad_step = step
-        if self.limit and self.run >= self.limit:
-            raise UserError(
-                f"{self.run} steps in a row (up to step {step}) had a non-finite loss or "
-                f"gradient and were skipped; the last checkpoint is intact. Lower "
-                f"optimizer.learning_rate, check the data for NaN/inf, or raise "
-                f"train.max_nonfinite")
+    def update(self, nonfinite: bool) -> bool:
+        """Record one step's flag; return True once `limit` have come in a row."""
+        self.run = self.run + 1 if nonfinite else 0
+        return bool(self.limit) and self.run >= self.limit
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this rule."""
-        return {"run": self.run, "last_bad_step": self.last_bad_step}
+        return {"run": self.run}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from `state()`."""
-        self.run, self.last_bad_step = state["run"], state["last_bad_step"]
+        self.run = state["run"]

@@ -16,6 +16,7 @@ from jaxdist.data import (
     Loader,
     MapSource,
     NpyFolderSource,
+    RowRandom,
     class_balanced_probabilities,
     eval_batches,
     write_shards,
@@ -55,9 +56,9 @@ def test_every_example_once_per_epoch_over_processes_and_devices(size, processes
                 assert local["weight"].shape == (batch // processes,)
                 for device in split_over_devices(local, devices):
                     real = device["weight"] == 1
-                    # padding: weight 0 exactly where no example is, rows zeroed
+                    # padding: weight 0 exactly where no example is, rows copies of real ones
                     assert set(np.unique(device["weight"])) <= {0.0, 1.0}
-                    assert np.all(device["x"][~real] == 0)
+                    np.testing.assert_array_equal(device["x"][:, 0], 2 * device["id"])
                     np.testing.assert_array_equal(device["x"][real][:, 0],
                                                   2 * device["id"][real])
                     seen.extend(device["id"][real].tolist())
@@ -299,14 +300,13 @@ def test_transforms_repeat_on_resume_and_augmentations_keep_content():
         np.testing.assert_array_equal(next(resumed)["image"], want["image"])
     batch = expected[0]
     assert not np.array_equal(batch["image"], images[batch["id"]])  # it did change them
-    rng = np.random.default_rng(0)
-    cropped = random_crop(images, rng, 2)
+    cropped = random_crop(images, RowRandom(0, 0, np.arange(40)), 2)
     for original, crop in zip(images, cropped, strict=True):  # a crop is a shifted window
         found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
                  if np.array_equal(crop[max(dy, 0):6 + min(dy, 0), max(dx, 0):6 + min(dx, 0)],
                                    original[max(-dy, 0):6 + min(-dy, 0),
                                             max(-dx, 0):6 + min(-dx, 0)])]
         assert found
-    flipped = random_flip(images, np.random.default_rng(1))
+    flipped = random_flip(images, RowRandom(1, 0, np.arange(40)))
     assert all(np.array_equal(f, o) or np.array_equal(f, o[:, ::-1])
                for f, o in zip(flipped, images, strict=True))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, OptimizerConfig, ParallelConfig, TrainConfig
+from jaxdist.precision import cast_floats, compute_dtype
 
 
 def make_data(n: int = 96, features: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
@@ -20,8 +21,12 @@ def make_data(n: int = 96, features: int = 5, seed: int = 0) -> dict[str, np.nda
 
 
 def mlp_experiment(data: dict[str, np.ndarray] | None = None, hidden: int = 16,
-                   input_noise: float = 0.0) -> Experiment:
-    """An MLP; `input_noise` > 0 adds per-device random noise to the inputs (uses the rng)."""
+                   input_noise: float = 0.0, precision: str = "fp32") -> Experiment:
+    """An MLP; `input_noise` > 0 adds per-device random noise to the inputs (uses the rng).
+
+    With `precision="bf16"` the MLP computes in bfloat16 (the error and loss in float32).
+    """
+    dtype = compute_dtype(precision)
     data = make_data() if data is None else data
     features = data["x"].shape[1]
 
@@ -36,12 +41,13 @@ def mlp_experiment(data: dict[str, np.ndarray] | None = None, hidden: int = 16,
         x = batch["x"]
         if input_noise:
             x = x + input_noise * jax.random.normal(rng, x.shape)
+        params, x = cast_floats((params, x), dtype)
         h = jnp.tanh(x @ params["w1"] + params["b1"])
-        error = h @ params["w2"] + params["b2"] - batch["y"]
+        error = (h @ params["w2"] + params["b2"]).astype(jnp.float32) - batch["y"]
         return error**2, {"abs_error": jnp.abs(error)}
 
     return Experiment(init_params=init_params, loss_fn=loss_fn, train_data=data,
-                      eval_data=data)
+                      eval_data=data, precision=precision)
 
 
 def toy_config(steps: int = 5, batch_size: int = 32, devices: int = 0, backend: str = "pmap",

@@ -8,6 +8,7 @@ from jaxdist.data.loader import (
     eval_batches,
 )
 from jaxdist.data.prefetch import DevicePrefetcher
+from jaxdist.data.row_random import RowRandom
 from jaxdist.data.sources import (
     ArraySource,
     MapSource,
@@ -25,6 +26,7 @@ __all__ = [
     "Loader",
     "MapSource",
     "NpyFolderSource",
+    "RowRandom",
     "Source",
     "as_source",
     "column",

@@ -9,6 +9,8 @@ the union over all processes of one epoch is every example exactly once, and a r
 
 Rows past the end of the data (the short last batch when `drop_remainder=False`, or the
 padding of a full batch) carry weight 0; the core's exact weighting makes them harmless.
+They are copies of real rows, not zeros, so a loss that would not be finite on a row of
+zeros (one that divides by its target, say) stays finite on them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxdist.data.row_random import RowRandom
 from jaxdist.data.sources import WEIGHT, Source, as_source
 from jaxdist.errors import UserError
 
-Transform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
+Transform = Callable[[dict[str, np.ndarray], RowRandom], dict[str, np.ndarray]]
 
 
 def check_split(batch_size: int, process_count: int, local_devices: int) -> None:
@@ -42,8 +45,13 @@ def padded_size(count: int, multiple: int) -> int:
 
 
 def class_balanced_probabilities(labels: np.ndarray) -> np.ndarray:
-    """Per-example sampling probabilities under which every class is equally likely."""
-    labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+    """Per-example sampling probabilities under which every class is equally likely.
+
+    `labels` are class indices `[N]`, or one-hot (or soft) rows `[N, classes]`, whose class
+    is their arg-max.
+    """
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    labels = labels[:, 0] if labels.shape[1] == 1 else labels.argmax(axis=1)
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     per_example = 1.0 / (len(classes) * counts[inverse])
     return per_example / per_example.sum()
@@ -65,16 +73,11 @@ def epoch_order(size: int, seed: int, epoch: int, shuffle: bool = True,
 
 
 def gather(source: Source, indices: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows `indices[valid]` of `source` in place, zero rows elsewhere; plus `weight`."""
-    rows = source.get_batch(indices[valid])
-    if valid.all():
-        batch = dict(rows)
-    else:
-        batch = {}
-        for name, values in rows.items():
-            full = np.zeros((len(indices), *values.shape[1:]), values.dtype)
-            full[valid] = values
-            batch[name] = full
+    """Rows `indices` of `source`, plus `weight`: 1 where `valid`, 0 for padding rows.
+
+    Every index must be a real row: padding rows repeat one (their weight keeps them out).
+    """
+    batch = dict(source.get_batch(indices))
     batch[WEIGHT] = valid.astype(np.float32)
     return batch
 
@@ -92,8 +95,9 @@ class Loader:
     `restore(state)` continues with exactly the batches an uninterrupted loader gives.
 
     `transform(batch, rng)` (optional) changes each training batch on the host, e.g. random
-    crops; `rng` is a numpy Generator seeded from (seed, epoch, index, process), so it too
-    repeats exactly. It is not applied to a full batch, which is fixed.
+    crops; `rng` is a `RowRandom` whose row r is seeded from (seed, epoch, the row's global
+    position), so it repeats exactly, on any number of processes. It is not applied to a
+    full batch, which is fixed.
     """
 
     def __init__(self, data: Any, batch_size: int, local_devices: int, *, seed: int = 0,
@@ -161,25 +165,29 @@ class Loader:
         if self.full:
             self.epoch += 1
             if self._full_batch is None:
-                self._full_batch = self._local_batch(np.arange(self.size), 0)
+                self._full_batch = self._local_batch(np.arange(self.size),
+                                                     self._positions(0))
             return self._full_batch
         remaining = self.size - self.index
         if remaining <= 0 or (self.drop_remainder and remaining < self.batch_size):
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self._local_batch(self.order(self.epoch), self.index)
+        positions = self._positions(self.index)
+        batch = self._local_batch(self.order(self.epoch), positions)
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, self.index, self.process_index])
+            rng = RowRandom(self.seed, self.epoch, positions)
             weight = batch.pop(WEIGHT)
             batch = {**self.transform(batch, rng), WEIGHT: weight}
         self.index += self.batch_size
         return batch
 
-    def _local_batch(self, order: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    def _positions(self, start: int) -> np.ndarray:
+        """Positions in the epoch's order of this process's rows of the batch at `start`."""
         first = start + self.process_index * self.local_batch_size
-        positions = np.arange(first, first + self.local_batch_size)
+        return np.arange(first, first + self.local_batch_size)
+
+    def _local_batch(self, order: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         valid = positions < len(order)
-        indices = np.where(valid, order[np.minimum(positions, len(order) - 1)], 0)
-        return gather(self.source, indices, valid)
+        return gather(self.source, order[np.minimum(positions, len(order) - 1)], valid)
 
 
 def eval_batches(data: Any, batch_size: int, local_devices: int, *, process_index: int = 0,
@@ -198,4 +206,4 @@ def eval_batches(data: Any, batch_size: int, local_devices: int, *, process_inde
     for start in range(0, size, global_batch):
         positions = np.arange(start + process_index * local, start + (process_index + 1) * local)
         valid = positions < size
-        yield gather(source, np.where(valid, positions, 0), valid)
+        yield gather(source, np.minimum(positions, size - 1), valid)

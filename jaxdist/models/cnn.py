@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 class SmallCNN(nn.Module):
@@ -13,6 +16,7 @@ class SmallCNN(nn.Module):
     channels: tuple[int, int] = (16, 32)
     dense: int = 128
     dropout: float = 0.2
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -20,8 +24,8 @@ class SmallCNN(nn.Module):
         if x.ndim == 3:
             x = x[..., None]
         for width in self.channels:
-            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            x = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Dense(self.dense)(x.reshape(x.shape[0], -1)))
+        x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x.reshape(x.shape[0], -1)))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.outputs)(x)
+        return nn.Dense(self.outputs, dtype=self.dtype)(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,38 +33,48 @@ class Block(nn.Module):
     width: int
     heads: int
     dropout: float
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """One pre-LayerNorm transformer block over `[batch, time, width]`."""
         batch, time, _ = x.shape
         head_dim = self.width // self.heads
-        qkv = nn.Dense(3 * self.width, name="qkv")(nn.LayerNorm(name="ln1")(x))
+        qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="qkv")(
+            nn.LayerNorm(dtype=self.dtype, name="ln1")(x))
         q, k, v = jnp.split(qkv.reshape(batch, time, 3 * self.heads, head_dim), 3, axis=2)
         attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        attended = nn.Dense(self.width, name="proj")(attended.reshape(batch, time, self.width))
+        attended = nn.Dense(self.width, dtype=self.dtype, name="proj")(
+            attended.reshape(batch, time, self.width))
         x = x + nn.Dropout(self.dropout, deterministic=not train)(attended)
-        hidden = nn.gelu(nn.Dense(4 * self.width, name="fc")(nn.LayerNorm(name="ln2")(x)))
-        out = nn.Dense(self.width, name="fc_proj")(hidden)
+        hidden = nn.gelu(nn.Dense(4 * self.width, dtype=self.dtype, name="fc")(
+            nn.LayerNorm(dtype=self.dtype, name="ln2")(x)))
+        out = nn.Dense(self.width, dtype=self.dtype, name="fc_proj")(hidden)
         return x + nn.Dropout(self.dropout, deterministic=not train)(out)
 
 
 class GPT(nn.Module):
-    """Token and position embeddings, blocks, a final LayerNorm, logits via the embedding."""
+    """Token and position embeddings, blocks, a final LayerNorm, logits via the embedding.
+
+    `dtype` is the compute dtype (matmuls, attention, activations); params stay float32 and
+    LayerNorm statistics are computed in float32 by flax.
+    """
 
     vocab_size: int
     size: GPTSize
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:
         """Next-token logits `[batch, time, vocab]` for `tokens` `[batch, time]`."""
-        embed = nn.Embed(self.vocab_size, self.size.width, name="wte",
+        embed = nn.Embed(self.vocab_size, self.size.width, name="wte", dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02))
         positions = self.param("wpe", nn.initializers.normal(0.01),
                                (self.size.seq_len, self.size.width))
         x = embed(tokens) + positions[: tokens.shape[1]].astype(embed.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.size.layers):
-            x = Block(self.size.width, self.size.heads, self.dropout, name=f"block{i}")(x, train)
-        return embed.attend(nn.LayerNorm(name="ln_f")(x))
+            x = Block(self.size.width, self.size.heads, self.dropout, self.dtype,
+                      name=f"block{i}")(x, train)
+        return embed.attend(nn.LayerNorm(dtype=self.dtype, name="ln_f")(x))
