@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from experiments.digits_mlp import classifier_experiment, load_split
+from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.models.cnn import SmallCNN

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from experiments import digits_cnn
-from experiments.digits_mlp import classifier_experiment, load_split
+from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment
 from jaxdist.config import apply_overrides
 from jaxdist.losses import accuracy, class_weights_for

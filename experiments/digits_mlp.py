@@ -14,17 +14,11 @@ Result:    test accuracy 0.969 (1 device) / 0.970 (8 fake devices): the SVC's le
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import flax.linen as nn
-import numpy as np
-from sklearn.datasets import load_digits
-
+from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
-from jaxdist.data.augment import random_crop
-from jaxdist.losses import accuracy, check_labels, cross_entropy
 from jaxdist.models.mlp import MLP
 from jaxdist.precision import compute_dtype
 
@@ -56,53 +50,6 @@ def tiny_config() -> Config:
     return apply_overrides(config(), [
         "train.steps=20", "train.batch_size=64", "train.log_every=5", "train.eval_every=0",
         "model.width=64", "optimizer.warmup_steps=0"])
-
-
-def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """First half of the digits for training, second half for testing; pixels in [0, 1]."""
-    images, labels = load_digits(return_X_y=True)
-    images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
-    labels = labels.astype(np.int32)
-    half = len(images) // 2
-    return ({"image": images[:half], "label": labels[:half]},
-            {"image": images[half:], "label": labels[half:]})
-
-
-def classifier_experiment(model: nn.Module, train: dict, test: dict, label_smoothing: float,
-                          shift: int, class_weights: np.ndarray | None = None,
-                          eval_metrics: Callable | None = None,
-                          precision: str = "fp32") -> Experiment:
-    """A classifier over `image`/`label` arrays: loss, accuracy, optional shifts.
-
-    `model` has `outputs` classes and computes in `precision` (built with
-    `dtype=compute_dtype(precision)`); labels outside its classes are refused here.
-    `eval_metrics(logits, labels) -> dict` of per-example metrics replaces the accuracy
-    reported on the test split.
-    """
-    check_labels(train["label"], model.outputs, "the training data")
-    check_labels(test["label"], model.outputs, "the test data")
-    eval_metrics = eval_metrics or (lambda logits, labels: {"accuracy": accuracy(logits,
-                                                                                  labels)})
-
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["image"], train=True,
-                             rngs={"dropout": rng})
-        losses = cross_entropy(logits, batch["label"], label_smoothing, class_weights)
-        return losses, {"accuracy": accuracy(logits, batch["label"])}
-
-    def eval_fn(params, batch):
-        logits = model.apply({"params": params}, batch["image"], train=False)
-        return cross_entropy(logits, batch["label"]), eval_metrics(logits, batch["label"])
-
-    def init_params(rng):
-        return model.init(rng, train["image"][:1], train=False)["params"]
-
-    def shifted(batch, rng):
-        return {**batch, "image": random_crop(batch["image"], rng, shift)}
-
-    return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
-                      train_data=train, eval_data=test,
-                      train_transform=shifted if shift else None, precision=precision)
 
 
 def build(config: Config) -> Experiment:

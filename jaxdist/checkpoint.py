@@ -17,9 +17,11 @@ refuses, with a one-line error, a checkpoint whose files were altered, truncated
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -104,20 +106,59 @@ class CheckpointStore:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> Path:
+    def save(self, step: int, state: PyTree, meta: dict[str, Any],
+             replace: bool = False) -> Path:
         """Write `state` (a host pytree) and `meta` (JSON-able) as the checkpoint of `step`.
 
-        Only the writer writes; the others just return the path.
+        Only the writer writes; the others just return the path. An existing checkpoint of
+        `step` is kept, unless `replace`: then the new one takes its place (a crash in
+        between leaves the checkpoint before it as the newest, never a mix of the two).
+        A disk that is full or a file-size limit is reported in one line (`UserError`).
         """
         final = self.path(step)
         score = self._score(meta.get("eval"))
         best = self._best_known()
         if score is not None and (best is None or score < best[0]):
             self._best = (score, step)
-        if final.exists() or not self.writer:
+        if (final.exists() and not replace) or not self.writer:
             return final
         self.folder.mkdir(parents=True, exist_ok=True)
+        size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))
+
+        def refuse(cause: str) -> UserError:
+            previous = [s for s in self.steps() if s != step]
+            kept = (f"the previous checkpoint {self.path(previous[-1])} is intact" if previous
+                    else "no earlier checkpoint exists")
+            return UserError(f"could not write checkpoint {final} ({cause}; it needs about "
+                             f"{size / 2**20:.1f} MB); {kept}. Free space (or raise the "
+                             f"limit) and rerun to resume")
+
+        # Checked first, because orbax reports a failed write from several threads at once.
+        cause = _lacking_room(self.folder, size)
+        if cause is not None:
+            raise refuse(cause)
         tmp = self.folder / f"tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+        try:
+            self._write(tmp, step, state, meta)
+        except Exception as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = _disk_error(error)
+            if cause is None:
+                raise
+            raise refuse(cause) from None
+        if final.exists():
+            trash = self.folder / f"trash-{final.name}-{time.time_ns()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.folder)
+        self._prune()
+        return final
+
+    def _write(self, tmp: Path, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+        """The checkpoint's files, complete with their manifest, in the folder `tmp`."""
         tmp.mkdir()
         self._checkpointer.save(tmp / "state", state)
         self._checkpointer.wait_until_finished()
@@ -127,10 +168,6 @@ class CheckpointStore:
                     "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
         write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True)
                               + "\n")
-        os.rename(tmp, final)
-        _fsync_dir(self.folder)
-        self._prune()
-        return final
 
     def verify(self, step: int) -> dict[str, Any]:
         """Check the manifest of checkpoint `step` and return its meta; refuse a bad one."""
@@ -226,6 +263,35 @@ class CheckpointStore:
     def close(self) -> None:
         """Release orbax's resources."""
         self._checkpointer.close()
+
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size "
+               "limit was reached", errno.EDQUOT: "the disk quota was reached"}
+
+
+def _lacking_room(folder: Path, size: int) -> str | None:
+    """Why `size` bytes of state will not fit in `folder` (free space, file-size limit)."""
+    if shutil.disk_usage(folder).free < size + (16 << 20):
+        return DISK_ERRORS[errno.ENOSPC]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < size:
+        return DISK_ERRORS[errno.EFBIG]
+    return None
+
+
+def _disk_error(error: BaseException) -> str | None:
+    """Words for a full disk, file-size limit or quota anywhere in `error`'s chain, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return DISK_ERRORS[error.errno]
+        text = str(error)
+        for code, words in DISK_ERRORS.items():
+            if os.strerror(code) in text:
+                return words
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

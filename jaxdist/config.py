@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,26 +144,91 @@ def leaf_keys(config: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# The step counter is an int32 on the devices.
+MAX_STEPS = 2**31 - 1
+
+
+def describe_keys(config: Any, prefix: str = "") -> list[str]:
+    """One line per overridable key: `key  type  default` (for `EXPERIMENT --help`)."""
+    lines = []
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe_keys(value, key + "."))
+        elif value is not None:
+            lines.append(f"{key:36s} {_type_name(hints[f.name], f.metadata.get(ALIASES)):28s} "
+                         f"{value}")
+    return lines
+
+
+def _type_name(hint: Any, aliases: dict[str, Any] | None) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        name = "|".join(str(choice) for choice in typing.get_args(hint))
+    elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        name = _type_name(args[0], None) + " or none"
+    else:
+        name = getattr(hint, "__name__", str(hint))
+    return name + (f" (or {', '.join(aliases)})" if aliases else "")
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Return a copy of `config` with each `key=value` override applied and validated."""
+    """Return a copy of `config` with each `key=value` override applied and validated.
+
+    A key given twice is refused: which one was meant is the user's to say.
+    """
     config = _deep_copy(config)
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
         if not sep or not key:
             raise UserError(f"override {item!r} is not KEY=VALUE; write e.g. train.steps=200")
-        _set_leaf(config, key.strip(), raw.strip())
+        if key in given:
+            raise UserError(f"{key} is given twice ({key}={given[key]}, then {key}={raw}); "
+                            f"give it once")
+        given[key] = raw
+        _set_leaf(config, key, raw)
     validate(config)
     return config
 
 
+def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of float leaves that are NaN or infinite."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.extend(_non_finite_floats(value, key + "."))
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{key}={value}")
+    return found
+
+
 def validate(config: Config) -> None:
     """Check values that have a valid type but an impossible meaning."""
+    for bad in _non_finite_floats(config)[:1]:
+        raise UserError(f"{bad} must be a finite number")
     t, o, p, d = config.train, config.optimizer, config.parallel, config.loader
     checks = [
-        (t.steps > 0, f"train.steps={t.steps} must be > 0"),
+        (0 < t.steps <= MAX_STEPS, f"train.steps={t.steps} must be in [1, {MAX_STEPS}] (the "
+                                   f"step counter is a 32-bit integer)"),
+        (0 <= t.seed < 2**32, f"train.seed={t.seed} must be in [0, 2^32)"),
         (t.batch_size >= 0, f"train.batch_size={t.batch_size} must be > 0, or full"),
         (t.log_every > 0, f"train.log_every={t.log_every} must be > 0"),
         (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
+        (0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)"),
+        (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),
+        (o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0"),
+        (o.decay_steps >= 0, f"optimizer.decay_steps={o.decay_steps} must be >= 0 (0: the "
+                             f"run's train.steps)"),
+        (0 <= o.final_fraction <= 1,
+         f"optimizer.final_fraction={o.final_fraction} must be in [0, 1]"),
+        (o.step_factor > 0, f"optimizer.step_factor={o.step_factor} must be > 0"),
+        (t.early_stopping.min_delta >= 0,
+         f"train.early_stopping.min_delta={t.early_stopping.min_delta} must be >= 0"),
         (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
         (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
         (t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0"),
@@ -201,12 +267,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_conflicts(saved: Mapping[str, Any], current: Config) -> list[str]:
-    """The keys, with both values, where `current` may not differ from a saved config."""
+def resume_conflicts(saved: Mapping[str, Any], current: Config,
+                     allowed: Sequence[str] = ()) -> list[str]:
+    """The keys, with both values, where `current` may not differ from a saved config.
+
+    `allowed` names further keys that may differ (the user said so, e.g. a lower learning
+    rate after a run diverged).
+    """
     old, new = flatten(saved), flatten(to_dict(current))
+    known = set(leaf_keys(current)) | set(old)
+    for key in allowed:
+        if key not in known:
+            raise UserError(_unknown_key_message(current, key).replace(
+                "unknown config key", "--allow-change names an unknown config key"))
     conflicts = []
     for key in sorted(set(old) | set(new)):
-        if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS:
+        if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed:
             continue
         if old.get(key, "(absent)") != new.get(key, "(absent)"):
             conflicts.append(f"{key}={old.get(key, '(absent)')} there, "

@@ -6,6 +6,8 @@ import ast
 import importlib
 import importlib.util
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -46,7 +48,8 @@ def load_experiment(name: str) -> ModuleType:
             available = ", ".join(known) or "none found"
             raise UserError(f"unknown experiment {name!r}; available: {available} "
                             f"(python -m jaxdist.run --list)")
-        module = importlib.import_module(f"{PACKAGE}.{name}")
+        module = _import_reporting_errors(lambda: importlib.import_module(f"{PACKAGE}.{name}"),
+                                          folder_file(name))
     for attr in ("config", "build"):
         if not callable(getattr(module, attr, None)):
             raise UserError(f"experiment {name!r} does not define {attr}(); an experiment "
@@ -62,5 +65,39 @@ def _load_file(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while it is executed
-    spec.loader.exec_module(module)
+    _import_reporting_errors(lambda: spec.loader.exec_module(module), path)
     return module
+
+
+def folder_file(name: str) -> Path:
+    """The file of the bundled experiment `name`."""
+    folder = experiments_dir()
+    return (folder / f"{name}.py") if folder is not None else Path(f"{name}.py")
+
+
+def _import_reporting_errors(load: Callable[[], object], path: Path) -> object:
+    """Run `load`; an experiment file that fails to import becomes one line naming where."""
+    try:
+        return load()
+    except SyntaxError as error:
+        raise UserError(f"experiment file {error.filename}, line {error.lineno}: "
+                        f"{error.msg}") from None
+    except (ImportError, NameError, AttributeError, TypeError, ValueError) as error:
+        package = sys.modules.get("jaxdist")
+        if isinstance(error, ImportError) and getattr(package, "__file__", "") is None:
+            raise UserError(f"the folder {list(package.__path__)[0]} (named jaxdist, not the "
+                            f"package) hides the installed jaxdist; run from another folder, "
+                            f"or install with pip install -e . --config-settings "
+                            f"editable_mode=compat") from None
+        where = _innermost_line(error, path)
+        raise UserError(f"experiment file {path}{where} failed to import: "
+                        f"{type(error).__name__}: {error}") from None
+
+
+def _innermost_line(error: BaseException, path: Path) -> str:
+    """", line N" of the last traceback frame inside `path`, or "" if none is."""
+    line = ""
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if Path(frame.f_code.co_filename).resolve() == path.resolve():
+            line = f", line {lineno}"
+    return line

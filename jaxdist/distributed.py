@@ -15,6 +15,7 @@ This most likely indicates that another task died".
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import jax
@@ -87,6 +88,8 @@ def initialize(settings: DistributedSettings) -> bool:
         host, _, port = settings.coordinator.rpartition(":")
         if not host or not port.isdigit():
             raise UserError(f"--coordinator {settings.coordinator} is not HOST:PORT")
+        if settings.process_id == 0:
+            require_free_port(int(port), settings.coordinator)
     # CPU devices talk over gloo (TCP); accelerators use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -95,6 +98,32 @@ def initialize(settings: DistributedSettings) -> bool:
         heartbeat_timeout_seconds=settings.heartbeat_timeout,
         initialization_timeout=settings.initialization_timeout)
     return True
+
+
+def require_free_port(port: int, address: str) -> None:
+    """Refuse (one line) a coordinator port that something on this host already uses."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            host = address.rpartition(":")[0]
+            raise UserError(f"--coordinator {address}: port {port} is already in use on this "
+                            f"host ({error.strerror}); pass another port, e.g. --coordinator "
+                            f"{host}:{_any_free_port()}") from None
+
+
+def _any_free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def joined() -> bool:
+    """Whether this process has joined a multi-process run (without touching a device)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
 
 
 def is_primary() -> bool:

@@ -36,6 +36,8 @@ class Experiment:
     - `train_transform(batch, rng) -> batch`: host-side augmentation of training batches
       (see `jaxdist.data.augment`); `rng` is a `jaxdist.data.RowRandom`, one random stream
       per row, which repeats on resume and on any number of processes.
+    - `name`: the experiment's name, recorded in checkpoints so that a workdir is never
+      resumed by another experiment (the CLI sets it from the module or file name).
     - `precision`: what the model computes in, `"fp32"` or `"bf16"`; it must equal the
       config's `train.precision`. Precision lives in the model: for "bf16", `build(config)`
       builds it to compute in bfloat16 from float32 params (flax: `dtype=jnp.bfloat16`, see
@@ -51,6 +53,7 @@ class Experiment:
     init_model_state: Callable[[jax.Array], PyTree] | None = None
     train_transform: Callable[[dict, RowRandom], dict] | None = None
     precision: str = "fp32"
+    name: str = ""
 
     @property
     def has_state(self) -> bool:

@@ -1,8 +1,9 @@
 """`python -m jaxdist.launch --num-processes N --local-devices D EXPERIMENT [ARGS ...]`.
 
 Starts N jaxdist processes on this machine, each with D fake CPU devices, joined by
-`jax.distributed` with a coordinator on 127.0.0.1 and CPU collectives over gloo. Their
-output is forwarded line by line with a `[pI]` prefix. If a process fails, the others are
+`jax.distributed` with a coordinator on 127.0.0.1 (on a free port, unless `--port` names
+one) and CPU collectives over gloo. Their output is forwarded line by line with a `[pI]`
+prefix (gloo's connection lines only with `--verbose`). If a process fails, the others are
 stopped and the launcher exits with that process's status; otherwise it exits 0. SIGTERM
 and SIGINT are passed on to the processes (they save a checkpoint and exit 0).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,17 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _forward(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+# gloo's "[Gloo] Rank R is connected to N peer ranks. Expected ..." lines, which its
+# threads write at once, so that pieces of two can share a line.
+GLOO_CHATTER = re.compile(r"\[Gloo\]|connected peer ranks is")
+
+
+def _forward(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock,
+             verbose: bool) -> None:
     for line in stream:
+        if not verbose and GLOO_CHATTER.search(line):
+            continue
         with lock:
             out.write(f"{prefix}{line}")
             out.flush()
 
 
 def launch(num_processes: int, local_devices: int, run_args: list[str],
-           heartbeat_timeout: int | None = None) -> int:
+           heartbeat_timeout: int | None = None, port: int | None = None,
+           verbose: bool = False) -> int:
     """Run `python -m jaxdist.run RUN_ARGS` as `num_processes` processes; return the status."""
-    coordinator = f"127.0.0.1:{free_port()}"
+    coordinator = f"127.0.0.1:{port or free_port()}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the device count comes from --cpu-devices
     env["JAX_PLATFORMS"] = "cpu"
@@ -55,8 +66,8 @@ def launch(num_processes: int, local_devices: int, run_args: list[str],
                                    stderr=subprocess.PIPE)
         processes.append(process)
         for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            thread = threading.Thread(target=_forward, args=(stream, f"[p{index}] ", out, lock),
-                                      daemon=True)
+            thread = threading.Thread(target=_forward, daemon=True,
+                                      args=(stream, f"[p{index}] ", out, lock, verbose))
             thread.start()
             threads.append(thread)
     status = _wait(processes)
@@ -108,12 +119,26 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m jaxdist.launch", description=__doc__.splitlines()[0],
-        epilog="Everything after the options goes to python -m jaxdist.run.")
-    parser.add_argument("--num-processes", type=int, required=True, metavar="N")
+        prog="python -m jaxdist.launch",
+        usage="%(prog)s --num-processes N [--local-devices D] [--port P] [--verbose] "
+              "EXPERIMENT [--workdir DIR] [KEY=VALUE ...]",
+        description="Run N jaxdist processes on this machine, each with D fake CPU devices, "
+                    "as one multi-process run (jax.distributed over 127.0.0.1).",
+        epilog="EXPERIMENT and everything after it go to python -m jaxdist.run in every "
+               "process (see python -m jaxdist.run --help). If a process fails, the others "
+               "are stopped and the launcher exits with its status; SIGTERM and SIGINT are "
+               "passed on (the processes save and exit 0).")
+    parser.add_argument("--num-processes", type=int, required=True, metavar="N",
+                        help="how many processes to start")
     parser.add_argument("--local-devices", type=int, default=1, metavar="D",
                         help="fake CPU devices per process (default: 1)")
-    parser.add_argument("--heartbeat-timeout", type=int, metavar="S")
+    parser.add_argument("--port", type=int, metavar="P",
+                        help="the coordinator's port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                        help="seconds without a heartbeat after which a process counts as "
+                             "dead and all stop (default: jaxdist.run's)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show gloo's connection lines")
     args, run_args = parser.parse_known_args(argv)
     if args.num_processes < 1 or args.local_devices < 1:
         print("error: --num-processes and --local-devices must be >= 1", file=sys.stderr)
@@ -122,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: name an experiment, e.g. python -m jaxdist.launch --num-processes 2 "
               "--local-devices 4 linear_regression", file=sys.stderr)
         return 2
-    return launch(args.num_processes, args.local_devices, run_args, args.heartbeat_timeout)
+    return launch(args.num_processes, args.local_devices, run_args, args.heartbeat_timeout,
+                  args.port, args.verbose)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import jax
 
+from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import Backend
 from jaxdist.progress import Progress
@@ -80,6 +81,22 @@ class MetricWindow:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue a window from `state()`."""
         self.totals, self.steps = dict(state["totals"]), int(state["steps"])
+
+
+# Where a point's values go: the loss first, the experiment's metrics by name, then these.
+TRAILING_KEYS = ("examples", NONFINITE, "lr", *TIMING_KEYS)
+
+
+def in_order(values: dict[str, float]) -> dict[str, float]:
+    """`values` in the order a point shows them (the same however they were gathered)."""
+    def rank(name: str) -> tuple[int, str]:
+        if name == LOSS_SUM:
+            return (0, "")
+        if name in TRAILING_KEYS:
+            return (2 + TRAILING_KEYS.index(name), "")
+        return (1, name)
+
+    return {name: values[name] for name in sorted(values, key=rank)}
 
 
 def to_json_line(record: dict[str, Any]) -> str:
@@ -149,19 +166,26 @@ class MetricsLogger:
 
     def log(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
         """Record one point: `{"step": step, "split": split, **values}` minus timing."""
+        values = in_order(values)
         record = {"step": step, "split": split}
         record.update({k: v for k, v in values.items() if k not in TIMING_KEYS})
         self.records.append(record)
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(to_json_line(record))
+            try:
+                with self.path.open("a") as f:
+                    f.write(to_json_line(record))
+            except OSError as error:
+                raise UserError(f"could not write {self.path} ({error.strerror}); free space "
+                                f"and rerun the same command to resume from the newest "
+                                f"checkpoint") from None
         if self._tensorboard is not None:
             for name, value in values.items():
-                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+                if math.isfinite(value):  # TensorBoard has no point for NaN (null in JSONL)
+                    self._tensorboard.add_scalar(f"{split}/{name}", value, step)
             self._tensorboard.flush()
         line = self._format(step, split, values)
         if self.progress is not None:
-            self.progress.show(line, values)
+            self.progress.show(line, split, values)
         elif self.stream is not None:
             self.stream.write(line + "\n")
             self.stream.flush()

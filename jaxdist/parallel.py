@@ -19,7 +19,6 @@ under shard_map (no compute) before its first call.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,6 +158,25 @@ class Backend:
         """
         raise NotImplementedError
 
+    def trace(self, step: StepFn, state: PyTree, batch: PyTree) -> PyTree:
+        """The shapes of `step`'s outputs on these devices, traced without computing.
+
+        `state` is one host copy of the state and `batch` this process's host batch. The
+        errors a step raises while tracing (an output that differs across devices, a loss
+        of the wrong shape) come here, before anything runs.
+        """
+        processes = len(self.global_devices) // self.num_devices
+        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        batch_shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[0] * processes, *x.shape[1:]), x.dtype),
+            batch)
+        return self._trace_global(step, state_shapes, batch_shapes)
+
+    def _trace_global(self, step: StepFn, state: PyTree, batch: PyTree) -> PyTree:
+        mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
+                               in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
+        return jax.eval_shape(mapped, state, batch)
+
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Return each device's own copy of a replicated tree, as numpy (for checks)."""
         raise NotImplementedError
@@ -204,15 +222,13 @@ class PmapBackend(Backend):
         """
         mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
                           donate_argnums=(0,) if donate_state else ())
-        checked = jax.shard_map(_replicated_step(step), mesh=self.mesh,
-                                in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
         first_call = True
 
         def run(state: PyTree, batch: PyTree) -> PyTree:
             nonlocal first_call
             if first_call:
                 processes = len(self.global_devices) // self.num_devices
-                jax.eval_shape(checked, *_per_device_shapes(state, batch, processes))
+                self._trace_global(step, *_per_device_shapes(state, batch, processes))
                 first_call = False
             return mapped(state, batch)
 
@@ -299,24 +315,3 @@ def make_backend(name: str, num_devices: int = 0) -> Backend:
         raise UserError(f"parallel.backend={name} is unknown; choose one of: "
                         f"{', '.join(BACKENDS)}")
     return BACKENDS[name](select_devices(num_devices))
-
-
-class InFlightLimit:
-    """Lets at most `limit` dispatched steps run ahead of the host.
-
-    JAX dispatches asynchronously, so a Python loop can queue hundreds of steps. Besides
-    holding their buffers, that deadlocks XLA's CPU collectives (seen with jax 0.10.2 and
-    8 CPU devices: an all-reduce waits forever for its 8th participant). Waiting for the
-    output of step t - limit before dispatching step t keeps the devices busy (the next
-    steps are already queued) without the runaway queue.
-    """
-
-    def __init__(self, limit: int = 2):
-        self.limit = limit
-        self._pending: collections.deque = collections.deque()
-
-    def add(self, outputs: PyTree) -> None:
-        """Register a dispatched step's outputs; wait if too many are still running."""
-        self._pending.append(outputs)
-        while len(self._pending) > self.limit:
-            jax.block_until_ready(self._pending.popleft())

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from typing import TextIO
 
 from tqdm import tqdm
 
+# For a terminal that reports no size (e.g. under `script`), where tqdm would draw nothing.
+FALLBACK_SIZE = {"ncols": 100, "nrows": 24}
+
+
+def terminal_size(stream: TextIO) -> tuple[int, int]:
+    """(columns, lines) the terminal behind `stream` reports; (0, 0) if it reports none."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines
+
 
 class Progress:
-    """A tqdm bar counting steps, showing the latest loss and examples/s after it."""
+    """A tqdm bar counting steps, showing the latest train loss and examples/s after it."""
 
     def __init__(self, stream: TextIO, total: int, initial: int = 0):
+        size = {"dynamic_ncols": True} if all(terminal_size(stream)) else FALLBACK_SIZE
         self._bar = tqdm(total=total, initial=initial, file=stream, unit="step",
-                         dynamic_ncols=True, smoothing=0.1)
+                         smoothing=0.1, **size)
 
     @classmethod
     def if_terminal(cls, stream: TextIO, total: int, initial: int = 0) -> Progress | None:
@@ -24,9 +38,11 @@ class Progress:
         """Count one step."""
         self._bar.update(1)
 
-    def show(self, line: str, values: dict[str, float]) -> None:
-        """Print a logged point above the bar and put its loss on the bar."""
+    def show(self, line: str, split: str, values: dict[str, float]) -> None:
+        """Print a logged point above the bar; a train point's loss goes on the bar."""
         self._bar.write(line, file=self._bar.fp)
+        if split != "train":
+            return
         postfix = {}
         if "loss" in values:
             postfix["loss"] = f"{values['loss']:.4g}"

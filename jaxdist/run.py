@@ -1,24 +1,34 @@
 """The command line: `python -m jaxdist.run EXPERIMENT [--workdir DIR] [KEY=VALUE ...]`.
 
-Exit status: 0 on success, 2 on bad input (with one line on stderr naming the fix).
+Exit status: 0 on success (and after a SIGTERM/SIGINT that stopped and saved the run), 2
+on bad input or a fault the user can fix (one line on stderr naming the fix), 130 when
+interrupted during start-up, before anything was saved. `--debug` (or `JAXDIST_DEBUG=1`)
+shows the full traceback of those errors as well; a bug in jaxdist always shows one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from jaxdist.agreement import FailureWatch, announce_failure, leave_after_failure
 from jaxdist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DistributedSettings,
     initialize,
     is_primary,
+    joined,
 )
 from jaxdist.errors import UserError
 
 USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
+DEBUG_VARIABLE = "JAXDIST_DEBUG"
+PEER_FAILURES = FailureWatch()  # started once this process has joined a multi-process run
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -31,7 +41,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     parser = _OneLineParser(
-        prog="python -m jaxdist.run",
+        prog="python -m jaxdist.run", add_help=False,
         description="Train a jaxdist experiment on every local device.",
         epilog="Overrides are KEY=VALUE pairs, e.g. train.steps=500 optimizer.learning_rate=0.1 "
                "parallel.backend=shard_map parallel.devices=1. The resolved config is saved to "
@@ -40,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a name from --list, or the path of an experiment .py file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides")
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="show this help; after an EXPERIMENT, also its keys, types and "
+                             "defaults")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--workdir", type=Path,
                         help="where to write config.json, metrics.jsonl and checkpoints; a "
@@ -48,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="on a CPU-only machine, split the CPU into N devices "
                              "(the tests use 8)")
+    parser.add_argument("--restart", action="store_true",
+                        help="remove what an earlier run wrote in --workdir and start over")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="let KEY differ from the checkpoint's value on resume (e.g. "
+                             "optimizer.learning_rate after a run diverged); repeatable")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show full tracebacks for user errors too (or "
+                             f"{DEBUG_VARIABLE}=1)")
     group = parser.add_argument_group(
         "multi-process runs (jax.distributed; see the README)")
     group.add_argument("--coordinator", metavar="HOST:PORT",
@@ -77,19 +98,24 @@ def default_workdir(experiment: str) -> Path:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the experiment, and return the exit status."""
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.help and not args.experiment:
+        parser.print_help()
+        return 0
     if args.cpu_devices is not None:
         if args.cpu_devices < 1:
             raise UserError(f"--cpu-devices {args.cpu_devices} must be >= 1")
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    initialize(DistributedSettings(
-        coordinator=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, auto=args.distributed,
-        heartbeat_timeout=args.heartbeat_timeout))
+    if not args.help and not args.list and initialize(DistributedSettings(
+            coordinator=args.coordinator, num_processes=args.num_processes,
+            process_id=args.process_id, auto=args.distributed,
+            heartbeat_timeout=args.heartbeat_timeout)):
+        PEER_FAILURES.start()
 
-    from jaxdist.config import apply_overrides
+    from jaxdist.config import apply_overrides, describe_keys
     from jaxdist.discovery import list_experiments, load_experiment
 
     if args.list:
@@ -100,12 +126,21 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError("name an experiment, e.g. python -m jaxdist.run linear_regression "
                         "(python -m jaxdist.run --list shows them)")
     module = load_experiment(args.experiment)
+    if args.help:
+        parser.print_help()
+        print(f"\nkeys of {args.experiment} (KEY  TYPE  DEFAULT):")
+        print("\n".join(f"  {line}" for line in describe_keys(module.config())))
+        return 0
     config = apply_overrides(module.config(), args.overrides)
     workdir = args.workdir or default_workdir(args.experiment)
 
     from jaxdist.train import fit
 
-    result = fit(module.build(config), config, workdir)
+    experiment = module.build(config)
+    if not experiment.name:
+        experiment.name = Path(args.experiment).stem
+    result = fit(experiment, config, workdir, start_over=args.restart,
+                 allow_changes=args.allow_change)
     if not is_primary():
         return 0
     if result.stop_reason == "preempted":
@@ -120,12 +155,63 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run, turning bad input into one line on stderr and exit status 2."""
+    """Entry point: run, turning user errors into one line on stderr and exit status 2.
+
+    In a multi-process run a failing process first tells the others why (they stop at
+    once, naming the cause) and then exits without waiting for its peers.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
-        return run(argv)
+        status = run(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_EXIT
+        status = _fail(error, f"error: {error}", USAGE_EXIT, debug)
+    except KeyboardInterrupt as error:
+        status = _fail(error, "error: interrupted during start-up; nothing was saved",
+                       INTERRUPTED_EXIT, debug)
+    except BaseException as error:
+        if isinstance(error, SystemExit):
+            raise
+        if joined() and _lost_peer(error):
+            status = _fail(error, f"error: a collective with another process failed "
+                                  f"({_last_line(error)}): another task died or was killed; "
+                                  f"see its log, then rerun the same command on every "
+                                  f"process to resume from the newest checkpoint",
+                           USAGE_EXIT, debug)
+        else:  # a bug: the traceback is for us to read
+            status = _fail(error, None, 1, True)
+    finally:
+        PEER_FAILURES.stop()
+    return status
+
+
+# What a collective reports when a peer process vanished under it.
+PEER_LOST = ("Connection reset by peer", "Connection refused", "Socket closed", "Broken pipe",
+             "another task died", "Read error", "Write error")
+
+
+def _lost_peer(error: BaseException) -> bool:
+    text = str(error)
+    return any(words in text for words in PEER_LOST)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1][:200] if lines else type(error).__name__
+
+
+def _fail(error: BaseException, line: str | None, status: int, debug: bool) -> int:
+    """Report `error` (one line, or the traceback); in a multi-process run, leave at once."""
+    if debug or line is None:
+        error.__suppress_context__ = False
+        traceback.print_exception(error)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    if joined():
+        announce_failure(line.removeprefix("error: ") if line else
+                         f"{type(error).__name__}: {error}")
+        leave_after_failure(status)
+    return status
 
 
 if __name__ == "__main__":

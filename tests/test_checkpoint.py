@@ -50,7 +50,12 @@ def test_an_interrupted_save_is_never_listed_and_is_cleaned(tmp_path, monkeypatc
         save(store, 2)
     monkeypatch.undo()
     assert store.steps() == [1]
-    assert list((tmp_path / "ck").glob("tmp-*"))
+    assert not list((tmp_path / "ck").glob("tmp-*"))  # a failed save removes its folder
+    # A process killed mid-save cannot: what it leaves is never listed, and is cleaned.
+    leftover = tmp_path / "ck" / "tmp-step_00000002-123-456" / "state"
+    leftover.mkdir(parents=True)
+    (leftover / "half-written").write_bytes(b"\0" * 100)
+    assert store.steps() == [1] and store.latest() == 1
     store.clean_incomplete()
     assert not list((tmp_path / "ck").glob("tmp-*"))
     state, _ = store.restore(1, tree(0))

@@ -52,9 +52,17 @@ def test_devices_accepts_all():
     ("model.use_bias=maybe", "not a boolean"),
     ("train=3", "is a section"),
     ("train.steps", "not KEY=VALUE"),
-    ("train.steps=0", "must be > 0"),
+    ("train.steps=0", "train.steps=0 must be in [1, 2147483647]"),
     ("optimizer.learning_rate=-1", "must be > 0"),
     ("nothing.here=1", "unknown config key"),
+    # Accepted before, impossible in meaning:
+    ("optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be a finite number"),
+    ("optimizer.momentum=nan", "optimizer.momentum=nan must be a finite number"),
+    ("optimizer.momentum=1.5", "optimizer.momentum=1.5 must be in [0, 1)"),
+    ("optimizer.warmup_steps=-1", "optimizer.warmup_steps=-1 must be >= 0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+    ("train.steps=2147483648", "the step counter is a 32-bit integer"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2^32)"),
 ])
 def test_bad_overrides_are_refused_with_one_line(override, fragment):
     with pytest.raises(UserError) as info:
@@ -62,6 +70,12 @@ def test_bad_overrides_are_refused_with_one_line(override, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_a_key_given_twice_is_refused_naming_both_values():
+    with pytest.raises(UserError, match=r"train.steps is given twice \(train.steps=5, then "
+                                        r"train.steps=7\)"):
+        apply_overrides(base(), ["train.steps=5", "train.steps=7"])
 
 
 def test_every_leaf_key_is_listed_and_saved():

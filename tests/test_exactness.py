@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.digits_mlp import classifier_experiment, load_split
+from experiments._digits import classifier_experiment, load_split
 from jaxdist import Experiment, fit
 from jaxdist.checkpoint import CheckpointStore
 from jaxdist.data import Loader, class_balanced_probabilities

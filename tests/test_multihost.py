@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,88 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_step(tmp_path):
     step = int(out.split("stopped at step ")[1].split()[0])
     assert step % 5 == 0  # the processes agree at a log point (train.log_every=5)
     assert (workdir / "checkpoints" / f"step_{step:08d}").is_dir()
+
+
+def start_pair(*args, port=None, env=None, per_process=lambda i: []):
+    """Two processes of `python -m jaxdist.run`, 4 CPU devices each, joined on 127.0.0.1."""
+    port = port or free_port()
+    env = {k: v for k, v in (env or os.environ).items() if k != "XLA_FLAGS"}
+    return [subprocess.Popen(
+        [sys.executable, "-m", "jaxdist.run", *args, *per_process(i), "--cpu-devices", "4",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+         str(i)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE) for i in range(2)]
+
+
+def finish(processes, timeout=90):
+    results = []
+    for p in processes:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in processes:
+                q.kill()
+            pytest.fail("a process still ran after its peers had stopped")
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_processes_started_with_different_settings_all_stop_naming_the_key(tmp_path):
+    pair = start_pair(*LINEAR, "train.steps=10", "--workdir", str(tmp_path / "run"),
+                      per_process=lambda i: [f"train.seed={i}"])
+    for code, _out, err in finish(pair):
+        assert code == 2, err[-2000:]
+        assert "train.seed is 0 on process 0 and 1 on process 1" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_error_on_one_process_before_training_stops_every_process_with_it(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    pair = start_pair(*LINEAR, "train.steps=10",
+                      per_process=lambda i: ["--workdir", str(tmp_path / ("run", "file")[i])])
+    started = time.time()
+    for code, _out, err in finish(pair):
+        assert code == 2, err[-2000:]
+        assert "is a file, not a folder" in err.strip().splitlines()[-1]
+    assert time.time() - started < 60
+
+
+def test_an_error_on_one_process_during_training_stops_the_other_with_its_cause(tmp_path):
+    env = dict(os.environ, FAULT="train")
+    pair = start_pair(str(ROOT / "tests" / "faulty_experiment.py"), "--workdir",
+                      str(tmp_path / "run"), "--heartbeat-timeout", "60", env=env)
+    started = time.time()
+    (code0, _, err0), (code1, _, err1) = finish(pair)
+    assert code1 == 2 and "process 1 read a corrupt record" in err1, err1[-2000:]
+    assert code0 == 2, err0[-2000:]
+    assert "stopping because process 1: process 1 read a corrupt record" in err0
+    assert time.time() - started < 50  # well within the 60 s heartbeat timeout
+
+
+def test_a_coordinator_port_in_use_is_one_line_naming_it(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "jaxdist.run", *LINEAR, "--cpu-devices", "4",
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+             "0", "--workdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+            text=True, timeout=60, env={k: v for k, v in os.environ.items()
+                                        if k != "XLA_FLAGS"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--coordinator 127.0.0.1:{port}: port {port} is already in use" \
+        in lines[0]
+
+
+def test_the_launcher_is_quiet_and_documents_its_flags(tmp_path):
+    result = launch(*LINEAR, "train.steps=5", "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[Gloo]" not in result.stdout + result.stderr
+    shown = subprocess.run([sys.executable, "-m", "jaxdist.launch", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert "EXPERIMENT" in shown.stdout.splitlines()[0]
+    for flag in ("--num-processes", "--local-devices", "--port", "--heartbeat-timeout",
+                 "--verbose"):
+        assert flag in shown.stdout

@@ -6,6 +6,7 @@ from jaxdist.data.loader import (
     class_balanced_probabilities,
     epoch_order,
     eval_batches,
+    training_loader,
 )
 from jaxdist.data.prefetch import DevicePrefetcher
 from jaxdist.data.row_random import RowRandom
@@ -34,6 +35,7 @@ __all__ = [
     "class_balanced_probabilities",
     "epoch_order",
     "eval_batches",
+    "training_loader",
     "validate_arrays",
     "write_shards",
 ]

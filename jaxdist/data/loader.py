@@ -16,13 +16,16 @@ zeros (one that divides by its target, say) stays finite on them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxdist.data.row_random import RowRandom
-from jaxdist.data.sources import WEIGHT, Source, as_source
+from jaxdist.data.sources import WEIGHT, Source, as_source, column
 from jaxdist.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxdist.config import Config
 
 Transform = Callable[[dict[str, np.ndarray], RowRandom], dict[str, np.ndarray]]
 
@@ -158,6 +161,13 @@ class Loader:
                             f"{self.size} examples; the checkpoint belongs to other data")
         self.epoch, self.index = epoch, index
 
+    def peek(self) -> dict[str, np.ndarray]:
+        """The next batch, without moving the position (e.g. to trace a step on it)."""
+        position = self.state()
+        batch = next(self)
+        self.epoch, self.index = position["epoch"], position["index"]
+        return batch
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
@@ -188,6 +198,25 @@ class Loader:
     def _local_batch(self, order: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         valid = positions < len(order)
         return gather(self.source, order[np.minimum(positions, len(order) - 1)], valid)
+
+
+def training_loader(data: Any, config: Config, local_devices: int,
+                    transform: Transform | None = None) -> Loader:
+    """The training loader for this process, as `config.train` and `config.loader` say."""
+    import jax
+
+    source = as_source(data, "the training data")
+    probabilities = None
+    if config.loader.sampling == "balanced":
+        if config.train.batch_size == 0:
+            raise UserError("loader.sampling=balanced draws examples for each batch, but "
+                            "train.batch_size=full uses every example once per step; set "
+                            "train.batch_size=N or loader.sampling=uniform")
+        probabilities = class_balanced_probabilities(column(source, config.loader.label_key))
+    return Loader(source, config.train.batch_size, local_devices, seed=config.train.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  shuffle=config.loader.shuffle, drop_remainder=config.loader.drop_remainder,
+                  probabilities=probabilities, transform=transform)
 
 
 def eval_batches(data: Any, batch_size: int, local_devices: int, *, process_index: int = 0,

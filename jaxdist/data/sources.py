@@ -5,7 +5,7 @@
   whole; `write_shards` writes one.
 - `MapSource`: anything with `__len__` and `__getitem__(i) -> dict` (a grain `MapDataset`,
   an ArrayRecord source wrapped to decode records, a Hugging Face `datasets.Dataset` with
-  `.with_format("numpy")`).
+  `.with_format("numpy")`); one with `__getitems__(list)` is read a batch at a time.
 
 Every source offers `get_batch(indices) -> dict[name, array[len(indices), ...]]`.
 """
@@ -93,8 +93,14 @@ class MapSource:
         return len(self.dataset)
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Fetch each example and stack every field."""
-        examples = [self.dataset[int(i)] for i in indices]
+        """Fetch the examples (in one call where the data set reads batches) and stack them.
+
+        A data set with `__getitems__(list)` (Hugging Face `datasets`, grain, PyTorch's
+        convention) is asked for the whole batch at once; others example by example.
+        """
+        keys = [int(i) for i in indices]
+        many = getattr(self.dataset, "__getitems__", None)
+        examples = many(keys) if callable(many) else [self.dataset[i] for i in keys]
         return {name: np.stack([np.asarray(e[name]) for e in examples]) for name in self.names}
 
     def column(self, name: str) -> np.ndarray:

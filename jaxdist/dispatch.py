@@ -1,0 +1,31 @@
+"""How far the host may run ahead of the devices."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+class InFlightLimit:
+    """Lets at most `limit` dispatched steps run ahead of the host.
+
+    JAX dispatches asynchronously, so a Python loop can queue hundreds of steps. Besides
+    holding their buffers, that deadlocks XLA's CPU collectives (seen with jax 0.10.2 and
+    8 CPU devices: an all-reduce waits forever for its 8th participant). Waiting for the
+    output of step t - limit before dispatching step t keeps the devices busy (the next
+    steps are already queued) without the runaway queue.
+    """
+
+    def __init__(self, limit: int = 2):
+        self.limit = limit
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, outputs: PyTree) -> None:
+        """Register a dispatched step's outputs; wait if too many are still running."""
+        self._pending.append(outputs)
+        while len(self._pending) > self.limit:
+            jax.block_until_ready(self._pending.popleft())
