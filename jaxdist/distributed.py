@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import jax
@@ -37,7 +38,7 @@ class DistributedSettings:
     process_id: int | None = None
     auto: bool = False  # let JAX detect the cluster (TPU pod, SLURM, Open MPI, GKE)
     heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
-    initialization_timeout: int = 120
+    initialization_timeout: int = 120  # seconds to wait for the other processes
 
     def with_environment(self) -> DistributedSettings:
         """Fill unset fields from the `JAXDIST_*` environment variables."""
@@ -92,12 +93,32 @@ def initialize(settings: DistributedSettings) -> bool:
             require_free_port(int(port), settings.coordinator)
     # CPU devices talk over gloo (TCP); accelerators use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if settings.explicit and settings.process_id != 0:
+        # JAX aborts the process (no exception) when the coordinator never answers.
+        wait_for_coordinator(settings.coordinator, settings.initialization_timeout)
     jax.distributed.initialize(
         coordinator_address=settings.coordinator, num_processes=settings.num_processes,
         process_id=settings.process_id,
         heartbeat_timeout_seconds=settings.heartbeat_timeout,
         initialization_timeout=settings.initialization_timeout)
     return True
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Wait until something listens at `address`; refuse (one line) after `timeout` s."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"nothing answered at --coordinator {address} within "
+                                f"{timeout:g} s; start process 0 with the same --coordinator "
+                                f"and --num-processes, and check that this host can reach "
+                                f"it") from None
+            time.sleep(0.5)
 
 
 def require_free_port(port: int, address: str) -> None:

@@ -149,12 +149,15 @@ class Backend:
         """Split a host batch (leaves `[B, ...]`) over the devices, `B / devices` rows each."""
         raise NotImplementedError
 
-    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
+    def compile(self, step: StepFn, donate_state: bool = True,
+                traced: bool = False) -> StepFn:
         """Map a per-device `step(state, batch) -> outputs` over the devices.
 
         `state` is replicated, `batch` is split, and every output must be replicated (the
-        result of a `psum`/`pmean` or computed from replicated values only). With
-        `donate_state`, the state's buffers are reused for the outputs.
+        result of a `psum`/`pmean` or computed from replicated values only; one that is
+        not is refused). With `donate_state`, the state's buffers are reused for the
+        outputs. `traced` says `trace` already checked this step (pmap then skips its own
+        check).
         """
         raise NotImplementedError
 
@@ -214,14 +217,18 @@ class PmapBackend(Backend):
         return jax.tree.map(
             lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
 
-    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
+    def compile(self, step: StepFn, donate_state: bool = True,
+                traced: bool = False) -> StepFn:
         """`jax.pmap` with axis name `batch`, donating the state buffers.
 
-        Before the first call, the step is traced once under shard_map on the same devices
-        (no compute), which refuses an output that may differ across devices.
+        Before the first call (unless `traced`), the step is traced once under shard_map on
+        the same devices (no compute), which refuses an output that may differ across
+        devices.
         """
         mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
                           donate_argnums=(0,) if donate_state else ())
+        if traced:
+            return mapped
         first_call = True
 
         def run(state: PyTree, batch: PyTree) -> PyTree:
@@ -278,8 +285,12 @@ class ShardMapBackend(Backend):
 
         return jax.tree.map(put, batch)
 
-    def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
-        """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch."""
+    def compile(self, step: StepFn, donate_state: bool = True,
+                traced: bool = False) -> StepFn:
+        """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch.
+
+        Replication is checked while compiling (`check_vma=True`); `traced` changes nothing.
+        """
         mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
                                in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())

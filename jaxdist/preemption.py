@@ -18,6 +18,7 @@ class PreemptionWatch:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    entered = False  # whether any run of this process has reached its training loop
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -34,12 +35,14 @@ class PreemptionWatch:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> PreemptionWatch:
+        PreemptionWatch.entered = True
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Put back the handlers that were there before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

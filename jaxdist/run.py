@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,9 +26,9 @@ from jaxdist.distributed import (
     joined,
 )
 from jaxdist.errors import UserError
+from jaxdist.preemption import PreemptionWatch
 
 USAGE_EXIT = 2
-INTERRUPTED_EXIT = 130  # 128 + SIGINT
 DEBUG_VARIABLE = "JAXDIST_DEBUG"
 PEER_FAILURES = FailureWatch()  # started once this process has joined a multi-process run
 
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="this process's index, 0 to N-1 (or $JAXDIST_PROCESS_ID)")
     group.add_argument("--distributed", action="store_true",
                        help="let JAX detect the cluster: TPU pod slice, SLURM, Open MPI, GKE")
+    group.add_argument("--join-timeout", type=int, default=120, metavar="S",
+                       help="seconds to wait for the coordinator and the other processes "
+                            "at start-up (default: %(default)s)")
     group.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT,
                        metavar="S", help="seconds without a heartbeat after which a peer is "
                                          "dead and every process stops (default: %(default)s)")
@@ -112,7 +117,8 @@ def run(argv: list[str] | None = None) -> int:
     if not args.help and not args.list and initialize(DistributedSettings(
             coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id, auto=args.distributed,
-            heartbeat_timeout=args.heartbeat_timeout)):
+            heartbeat_timeout=args.heartbeat_timeout,
+            initialization_timeout=args.join_timeout)):
         PEER_FAILURES.start()
 
     from jaxdist.config import apply_overrides, describe_keys
@@ -162,13 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    if threading.current_thread() is threading.main_thread():
+        # Outside the training loop (which saves and exits 0), SIGTERM is an interrupt too.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         status = run(argv)
     except UserError as error:
         status = _fail(error, f"error: {error}", USAGE_EXIT, debug)
     except KeyboardInterrupt as error:
-        status = _fail(error, "error: interrupted during start-up; nothing was saved",
-                       INTERRUPTED_EXIT, debug)
+        signum = getattr(error, "signum", signal.SIGINT)
+        when = ("after the run ended; what it saved is intact" if PreemptionWatch.entered
+                else "during start-up; nothing was saved")
+        status = _fail(error, f"error: interrupted by {signal.Signals(signum).name} {when}",
+                       128 + signum, debug)
     except BaseException as error:
         if isinstance(error, SystemExit):
             raise
@@ -198,6 +210,18 @@ def _lost_peer(error: BaseException) -> bool:
 def _last_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[-1][:200] if lines else type(error).__name__
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM outside the training loop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def _fail(error: BaseException, line: str | None, status: int, debug: bool) -> int:

@@ -44,8 +44,8 @@ def main() -> None:
 
     from jaxdist import make_backend, make_train_step
     from jaxdist.data import DevicePrefetcher, Loader, NpyFolderSource, write_shards
+    from jaxdist.dispatch import InFlightLimit
     from jaxdist.metrics import MetricWindow
-    from jaxdist.parallel import InFlightLimit
     from jaxdist.step import TrainState
 
     backend = make_backend("pmap")

@@ -9,7 +9,7 @@ The jaxdist side is what `fit` runs per step: the weighted-sum step with exact g
 a per-device RNG, the non-finite guard, summed metrics kept on the devices and read back
 once per window.
 
-Both loops let at most 2 steps run ahead of the host (`jaxdist.parallel.InFlightLimit`);
+Both loops let at most 2 steps run ahead of the host (`jaxdist.dispatch.InFlightLimit`);
 without that bound, XLA's CPU collectives deadlock on 8 fake devices (jax 0.10.2).
 
 Each round runs every side for the same number of steps, in a shuffled order; the ratio
@@ -51,8 +51,8 @@ def main() -> None:
     import optax
 
     from jaxdist import make_backend, make_train_step
+    from jaxdist.dispatch import InFlightLimit
     from jaxdist.metrics import MetricWindow
-    from jaxdist.parallel import InFlightLimit
     from jaxdist.step import TrainState
 
     rng = np.random.default_rng(0)

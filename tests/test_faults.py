@@ -100,15 +100,17 @@ def test_a_loss_that_returns_its_mean_is_one_line_before_any_step(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
-def test_sigint_during_start_up_is_one_line(tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_is_one_line(tmp_path, sent):
     process = subprocess.Popen([sys.executable, "-m", "jaxdist.run", "gpt_lm", "--workdir",
                                 str(tmp_path / "run")], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(2.5)  # importing jax and reading the text: before the first step
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err[-3000:]
-    assert err.strip().splitlines() == ["error: interrupted during start-up; nothing was saved"]
+    assert process.returncode == 128 + sent, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"error: interrupted by {sent.name} during start-up; nothing was saved"]
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):

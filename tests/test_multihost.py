@@ -202,6 +202,20 @@ def test_a_coordinator_port_in_use_is_one_line_naming_it(tmp_path):
         in lines[0]
 
 
+def test_a_process_whose_coordinator_never_answers_stops_with_one_line(tmp_path):
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdist.run", *LINEAR, "--cpu-devices", "4", "--coordinator",
+         f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1",
+         "--join-timeout", "3", "--workdir", str(tmp_path / "run")], cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing answered at --coordinator 127.0.0.1:" in lines[0]
+    assert time.time() - started < 30
+
+
 def test_the_launcher_is_quiet_and_documents_its_flags(tmp_path):
     result = launch(*LINEAR, "train.steps=5", "--workdir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]
