@@ -32,6 +32,9 @@ def test_the_tiny_config_trains_and_the_loss_falls(name):
     assert len(train) >= 2 and result.backend.num_devices == 8
     assert train[-1]["loss"] < train[0]["loss"], train
     assert all(r["nonfinite_steps"] == 0 for r in train)
+    if name.startswith("digits"):  # smoothed train loss: the plain cross-entropy beside it
+        assert all(0 < r["cross_entropy"] != r["loss"] for r in train)
+        assert "cross_entropy" not in result.last("eval")  # whose loss is the plain one
 
 
 def test_cifar_reads_the_python_batches_and_npz(tmp_path):
