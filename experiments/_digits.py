@@ -12,7 +12,7 @@ import flax.linen as nn
 import numpy as np
 from sklearn.datasets import load_digits
 
-from jaxdist import Experiment
+from jaxdist import Experiment, ExplainSpec
 from jaxdist.data import as_source, column
 from jaxdist.data.augment import random_crop
 from jaxdist.losses import accuracy, check_labels, cross_entropy
@@ -68,6 +68,10 @@ def classifier_experiment(model: nn.Module, train: Any, test: Any, label_smoothi
     def shifted(batch, rng):
         return {**batch, "image": random_crop(batch["image"], rng, shift)}
 
+    explain = ExplainSpec(input="image", label="label", kind="image",
+                          output=lambda params, model_state, images: model.apply(
+                              {"params": params}, images, train=False))
     return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
                       train_data=train_source, eval_data=test_source,
-                      train_transform=shifted if shift else None, precision=precision)
+                      train_transform=shifted if shift else None, precision=precision,
+                      explain=explain)

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop, random_flip
 from jaxdist.errors import UserError
@@ -163,10 +163,18 @@ def build(config: Config) -> Experiment:
         return cross_entropy(logits, batch["label"]), {"accuracy": accuracy(logits,
                                                                              batch["label"])}
 
+    def logits(params, model_state, images):
+        """Eval-mode logits of normalized images (what attributions are taken on)."""
+        return model.apply({"params": params, "batch_stats": model_state}, images,
+                           jnp.ones(images.shape[0]), train=False)
+
     def augment(batch, rng):
         return {**batch, "image": random_flip(random_crop(batch["image"], rng, 4), rng)}
 
     return Experiment(init_params=lambda rng: init_variables(rng)["params"],
                       init_model_state=lambda rng: init_variables(rng)["batch_stats"],
                       loss_fn=loss_fn, eval_fn=eval_fn, train_data=train, eval_data=test,
-                      train_transform=augment, precision=precision)
+                      train_transform=augment, precision=precision,
+                      explain=ExplainSpec(input="image", label="label", kind="image",
+                                          features=lambda params, raw: normalize(raw),
+                                          output=logits))

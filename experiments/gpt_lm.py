@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
 from jaxdist.errors import UserError
@@ -107,5 +107,14 @@ def build(config: Config) -> Experiment:
         dummy = jnp.zeros((1, size.seq_len), jnp.int32)
         return model.init(rng, dummy, train=False)["params"]
 
+    def next_byte_logits(params, model_state, embeddings):
+        """The logits of the byte after the window, from the window's embeddings."""
+        return model.apply({"params": params}, None, train=False,
+                           embeddings=embeddings)[:, -1]
+
+    explain = ExplainSpec(input="tokens", output=next_byte_logits, kind="text",
+                          features=lambda params, tokens: params["wte"]["embedding"][
+                              tokens[:, :-1]])
     return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
-                      train_data=train, eval_data=held_out, precision=precision)
+                      train_data=train, eval_data=held_out, precision=precision,
+                      explain=explain)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_diabetes
 
-from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
+from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.precision import cast_floats, compute_dtype
 
@@ -89,5 +89,10 @@ def build(config: Config) -> Experiment:
         return {"w": scale * jax.random.normal(rng, (num_features,)), "b": jnp.zeros(())}
 
     precision = config.train.precision
-    return Experiment(init_params=init_params, loss_fn=make_loss_fn(compute_dtype(precision)),
-                      train_data=data, eval_data=data, precision=precision)
+    dtype = compute_dtype(precision)
+    explain = ExplainSpec(input="x", label="y", kind="tabular",
+                          output=lambda params, model_state, x: predict(params, x, dtype),
+                          coefficients=lambda params: params["w"],
+                          feature_names=tuple(load_diabetes().feature_names))
+    return Experiment(init_params=init_params, loss_fn=make_loss_fn(dtype), train_data=data,
+                      eval_data=data, precision=precision, explain=explain)

@@ -5,8 +5,9 @@ with gradients combined across devices as the exact global weighted mean.
 """
 
 from jaxdist.config import Config, OptimizerConfig, ParallelConfig, TrainConfig
+from jaxdist.discovery import load
 from jaxdist.errors import UserError
-from jaxdist.experiment import Experiment
+from jaxdist.experiment import Experiment, ExplainSpec
 from jaxdist.parallel import Backend, make_backend
 from jaxdist.step import TrainState, make_eval_step, make_train_step
 from jaxdist.train import TrainResult, fit
@@ -15,6 +16,7 @@ __all__ = [
     "Backend",
     "Config",
     "Experiment",
+    "ExplainSpec",
     "OptimizerConfig",
     "ParallelConfig",
     "TrainConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "TrainState",
     "UserError",
     "fit",
+    "load",
     "make_backend",
     "make_eval_step",
     "make_train_step",

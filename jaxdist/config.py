@@ -126,9 +126,42 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def to_json(config: Config) -> str:
-    """Return the config as indented JSON, the form saved to `config.json`."""
-    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+# The key of `config.json` that names the experiment (how to load it again), beside the config.
+EXPERIMENT_KEY = "experiment"
+
+
+def to_json(config: Config, experiment: str = "") -> str:
+    """Return the config as indented JSON, the form saved to `config.json`.
+
+    `experiment` (a bundled name or a file path) is saved beside it under "experiment".
+    """
+    data = to_dict(config)
+    if experiment:
+        data[EXPERIMENT_KEY] = experiment
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def from_dict(template: Config, data: Mapping[str, Any]) -> Config:
+    """`template` (an experiment's `config()`) with every value `data` (a saved config) holds.
+
+    Keys the template does not have are ignored; those `data` lacks keep their defaults.
+    """
+    config = _deep_copy(template)
+    saved = flatten(data)
+    for key in leaf_keys(config):
+        if key not in saved:
+            continue
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = getattr(node, part)
+        value = saved[key]
+        current = getattr(node, name)
+        if isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        setattr(node, name, value)
+    validate(config)
+    return config
 
 
 def leaf_keys(config: Any, prefix: str = "") -> list[str]:
@@ -282,7 +315,8 @@ def resume_conflicts(saved: Mapping[str, Any], current: Config,
                 "unknown config key", "--allow-change names an unknown config key"))
     conflicts = []
     for key in sorted(set(old) | set(new)):
-        if key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed:
+        if (key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed
+                or key == EXPERIMENT_KEY):  # the experiment's identity is checked apart
             continue
         if old.get(key, "(absent)") != new.get(key, "(absent)"):
             conflicts.append(f"{key}={old.get(key, '(absent)')} there, "

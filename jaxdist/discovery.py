@@ -7,11 +7,16 @@ import importlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from jaxdist.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxdist.config import Config
+    from jaxdist.experiment import Experiment
 
 PACKAGE = "experiments"
 
@@ -55,6 +60,28 @@ def load_experiment(name: str) -> ModuleType:
             raise UserError(f"experiment {name!r} does not define {attr}(); an experiment "
                             f"module needs config() and build(config)")
     return module
+
+
+def load(experiment: str, overrides: Sequence[str] = ()) -> tuple[Experiment, Config]:
+    """Build `experiment` (a name from `--list` or a `.py` path) with `KEY=VALUE` overrides.
+
+    Returns (experiment, config): what `python -m jaxdist.run` trains, for Python.
+    """
+    from jaxdist.config import apply_overrides
+
+    module = load_experiment(experiment)
+    config = apply_overrides(module.config(), list(overrides))
+    return name_experiment(module.build(config), experiment), config
+
+
+def name_experiment(built: Experiment, experiment: str) -> Experiment:
+    """`built`, named after `experiment` (for checkpoints) and able to be loaded again."""
+    if not built.name:
+        built.name = Path(experiment).stem
+    if not built.source:
+        built.source = (str(Path(experiment).resolve()) if experiment.endswith(".py")
+                        else experiment)
+    return built
 
 
 def _load_file(path: Path) -> ModuleType:

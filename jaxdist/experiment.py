@@ -15,6 +15,32 @@ from jaxdist.step import EvalFn, LossFn
 PyTree = Any
 
 
+@dataclass(frozen=True)
+class ExplainSpec:
+    """What an experiment's predictions are, for attributions (`jaxdist.explain`).
+
+    - `input`: the batch key whose values are explained, e.g. "image".
+    - `output(params, model_state, features) -> [b]` (a regressor's prediction) or
+      `[b, classes]` (a classifier's logits), deterministic (no dropout).
+    - `features(params, raw) -> [b, ...]` float: what attributions are taken with respect
+      to, when the raw input is not (integer tokens -> their embeddings, uint8 pixels ->
+      normalized floats); default: the input itself, as float32.
+    - `label`: the batch key of the true class or target, shown beside the predictions.
+    - `kind`: how to picture them: "image", "tabular" or "text" (attributions of
+      embeddings are summed over their last axis).
+    - `coefficients(params) -> [features]`: a linear model's own weights, pictured beside
+      the attributions of tabular data (optional); `feature_names` label tabular features.
+    """
+
+    input: str
+    output: Callable[[PyTree, PyTree, Any], Any]
+    features: Callable[[PyTree, Any], Any] | None = None
+    label: str | None = None
+    kind: str = "tabular"
+    coefficients: Callable[[PyTree], Any] | None = None
+    feature_names: tuple[str, ...] = ()
+
+
 @dataclass
 class Experiment:
     """The pieces of one experiment, built by its module's `build(config)`.
@@ -37,7 +63,10 @@ class Experiment:
       (see `jaxdist.data.augment`); `rng` is a `jaxdist.data.RowRandom`, one random stream
       per row, which repeats on resume and on any number of processes.
     - `name`: the experiment's name, recorded in checkpoints so that a workdir is never
-      resumed by another experiment (the CLI sets it from the module or file name).
+      resumed by another experiment (the CLI sets it from the module or file name);
+      `source`: how to load it again, a bundled name or a file path (the CLI sets it; it is
+      written to `config.json`, where `python -m jaxdist.explain` finds it).
+    - `explain`: what `jaxdist.explain` attributes: an `ExplainSpec` (optional).
     - `precision`: what the model computes in, `"fp32"` or `"bf16"`; it must equal the
       config's `train.precision`. Precision lives in the model: for "bf16", `build(config)`
       builds it to compute in bfloat16 from float32 params (flax: `dtype=jnp.bfloat16`, see
@@ -54,6 +83,8 @@ class Experiment:
     train_transform: Callable[[dict, RowRandom], dict] | None = None
     precision: str = "fp32"
     name: str = ""
+    source: str = ""
+    explain: ExplainSpec | None = None
 
     @property
     def has_state(self) -> bool:

@@ -180,6 +180,18 @@ class Backend:
                                in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
         return jax.eval_shape(mapped, state, batch)
 
+    def compile_per_example(self, fn: StepFn) -> StepFn:
+        """Map `fn(replicated, batch) -> outputs` whose outputs have a row per example.
+
+        Unlike `compile`, the outputs stay split over the devices as the batch was;
+        `examples_to_host` brings them back in the batch's order (one process).
+        """
+        raise NotImplementedError
+
+    def examples_to_host(self, tree: PyTree) -> PyTree:
+        """The per-example outputs of `compile_per_example` as numpy `[B, ...]`."""
+        raise NotImplementedError
+
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Return each device's own copy of a replicated tree, as numpy (for checks)."""
         raise NotImplementedError
@@ -242,6 +254,14 @@ class PmapBackend(Backend):
         run.lower = mapped.lower  # type: ignore[attr-defined]
         return run
 
+    def compile_per_example(self, fn: StepFn) -> StepFn:
+        """`jax.pmap`: each device's outputs come back as row i of a leading device axis."""
+        return jax.pmap(fn, axis_name=AXIS, devices=self.global_devices)
+
+    def examples_to_host(self, tree: PyTree) -> PyTree:
+        """Merge the device axis into the example axis."""
+        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Row i of every leaf is device i's copy."""
         host = jax.device_get(tree)
@@ -294,6 +314,15 @@ class ShardMapBackend(Backend):
         mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
                                in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
+    def compile_per_example(self, fn: StepFn) -> StepFn:
+        """`jax.jit(jax.shard_map(...))` with the outputs split along `batch` like the input."""
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                                     out_specs=P(AXIS), check_vma=True))
+
+    def examples_to_host(self, tree: PyTree) -> PyTree:
+        """The global arrays, read whole."""
+        return jax.tree.map(np.asarray, tree)
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Shard i of every replicated leaf is device i's copy."""

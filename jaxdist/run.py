@@ -121,8 +121,8 @@ def run(argv: list[str] | None = None) -> int:
             initialization_timeout=args.join_timeout)):
         PEER_FAILURES.start()
 
-    from jaxdist.config import apply_overrides, describe_keys
-    from jaxdist.discovery import list_experiments, load_experiment
+    from jaxdist.config import describe_keys
+    from jaxdist.discovery import list_experiments, load, load_experiment
 
     if args.list:
         for name, summary in list_experiments().items():
@@ -131,20 +131,17 @@ def run(argv: list[str] | None = None) -> int:
     if not args.experiment:
         raise UserError("name an experiment, e.g. python -m jaxdist.run linear_regression "
                         "(python -m jaxdist.run --list shows them)")
-    module = load_experiment(args.experiment)
     if args.help:
         parser.print_help()
         print(f"\nkeys of {args.experiment} (KEY  TYPE  DEFAULT):")
-        print("\n".join(f"  {line}" for line in describe_keys(module.config())))
+        config = load_experiment(args.experiment).config()
+        print("\n".join(f"  {line}" for line in describe_keys(config)))
         return 0
-    config = apply_overrides(module.config(), args.overrides)
+    experiment, config = load(args.experiment, args.overrides)
     workdir = args.workdir or default_workdir(args.experiment)
 
     from jaxdist.train import fit
 
-    experiment = module.build(config)
-    if not experiment.name:
-        experiment.name = Path(args.experiment).stem
     result = fit(experiment, config, workdir, start_over=args.restart,
                  allow_changes=args.allow_change)
     if not is_primary():

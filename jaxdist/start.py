@@ -168,10 +168,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         config = fix_schedule_horizon(config, saved and saved.config)
         tx = build_optimizer(config.optimizer)
         run = RunState(config, backend, loader, identity)
-        init_key, state_key, train_key = jax.random.split(jax.random.key(t.seed), 3)
-        model_state = experiment.init_model_state(state_key) if experiment.has_state else None
-        host_state = jax.device_get(TrainState.create(experiment.init_params(init_key), tx,
-                                                      train_key, model_state))
+        host_state = initial_state(experiment, config, tx)
         start = Start(config, backend, loader, tx, run, host_state, workdir=workdir,
                        store=store, lock=lock)
         _check_steps(experiment, start)
@@ -205,6 +202,14 @@ def _check_steps(experiment: Experiment, start: Start) -> None:
         if metric and metric not in names:
             raise UserError(f"{key}={metric} is not an eval metric of this experiment; choose "
                             f"one of: {', '.join(names)}")
+
+
+def initial_state(experiment: Experiment, config: Config, tx: Any) -> TrainState:
+    """A run's state at step 0, on the host: params, optimizer state, root key, model state."""
+    init_key, state_key, train_key = jax.random.split(jax.random.key(config.train.seed), 3)
+    model_state = experiment.init_model_state(state_key) if experiment.has_state else None
+    return jax.device_get(TrainState.create(experiment.init_params(init_key), tx, train_key,
+                                            model_state))
 
 
 def train_step_fn(experiment: Experiment, start: Start) -> Callable:

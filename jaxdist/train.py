@@ -101,7 +101,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     if workdir is not None:
         barrier("resume-read")  # every process has read config.json before it is replaced
         if primary:
-            write_text_atomically(workdir / "config.json", to_json(config) + "\n")
+            write_text_atomically(workdir / "config.json", to_json(
+                config, experiment.source or experiment.name) + "\n")
     state = backend.replicate(start.host_state)
     has_eval = experiment.eval_data is not None
     finished = meta is not None and step >= t.steps and meta["stop_reason"] in (

@@ -66,13 +66,19 @@ class GPT(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:
-        """Next-token logits `[batch, time, vocab]` for `tokens` `[batch, time]`."""
+    def __call__(self, tokens: jax.Array | None, train: bool,
+                 embeddings: jax.Array | None = None) -> jax.Array:
+        """Next-token logits `[batch, time, vocab]` for `tokens` `[batch, time]`.
+
+        `embeddings` `[batch, time, width]` replace the token embeddings (e.g. to take
+        gradients with respect to them); `tokens` is then unused.
+        """
         embed = nn.Embed(self.vocab_size, self.size.width, name="wte", dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02))
         positions = self.param("wpe", nn.initializers.normal(0.01),
                                (self.size.seq_len, self.size.width))
-        x = embed(tokens) + positions[: tokens.shape[1]].astype(embed.dtype)
+        x = embed(tokens) if embeddings is None else embeddings.astype(embed.dtype)
+        x = x + positions[: x.shape[1]].astype(embed.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.size.layers):
             x = Block(self.size.width, self.size.heads, self.dropout, self.dtype,

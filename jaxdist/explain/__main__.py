@@ -1,0 +1,166 @@
+"""`python -m jaxdist.explain WORKDIR`: attributions of a trained run's predictions.
+
+Restores the workdir's newest (or `--checkpoint best`) checkpoint through the experiment
+its `config.json` names, explains the first `--examples` examples of a split on every
+device, and writes `WORKDIR/explain/attributions.npz` (inputs, attributions, predictions,
+targets, scores, the method and its settings) and `WORKDIR/explain/attributions.png`.
+Exit status 0, or 2 with one line for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from jaxdist.errors import UserError
+from jaxdist.explain import METHODS, RULES, Method, explain, mean_features
+
+MEAN_ROWS = 2048  # training rows averaged for the "mean" baseline
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see python -m jaxdist.explain --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
+    parser = _OneLineParser(prog="python -m jaxdist.explain",
+                            description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("workdir", type=Path, help="the --workdir of a jaxdist run")
+    parser.add_argument("--examples", type=int, default=8, metavar="N",
+                        help="explain the first N examples of the split (default: 8)")
+    parser.add_argument("--method", default="ig", help=f"{' | '.join(METHODS)} (default: ig)")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval")
+    parser.add_argument("--checkpoint", choices=("newest", "best"), default="newest")
+    parser.add_argument("--steps", type=int, default=64, help="ig: integration points")
+    parser.add_argument("--rule", default="riemann", help=f"ig: {' | '.join(RULES)}")
+    parser.add_argument("--baseline", default="zeros",
+                        help="ig: zeros, mean (of the training data) or a .npy file")
+    parser.add_argument("--base", default="saliency",
+                        help="smoothgrad: the method it averages (saliency, grad_x_input, ig)")
+    parser.add_argument("--samples", type=int, default=16, help="smoothgrad: noisy copies")
+    parser.add_argument("--noise", type=float, default=0.1,
+                        help="smoothgrad: noise std as a fraction of the value range")
+    parser.add_argument("--target", default="predicted",
+                        help="a classifier's class to explain: predicted, label, or a number")
+    parser.add_argument("--backend", choices=("pmap", "shard_map"),
+                        help="default: the run's parallel.backend")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="on a CPU-only machine, split the CPU into N devices")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> list[Path]:
+    """Explain as `argv` says; return the paths written."""
+    args = build_parser().parse_args(argv)
+    if args.cpu_devices is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", max(args.cpu_devices, 1))
+    method = Method(args.method, steps=args.steps, rule=args.rule, base=args.base,
+                    noise=args.noise, samples=args.samples)
+    method.check()
+    target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
+    if target not in ("predicted", "label") and not isinstance(target, int):
+        raise UserError(f"--target {args.target} is not predicted, label or a class number")
+    if args.examples < 1:
+        raise UserError(f"--examples {args.examples} must be >= 1")
+
+    from jaxdist.data import as_source
+    from jaxdist.parallel import make_backend
+    from jaxdist.restore import restore_run
+
+    restored = restore_run(args.workdir, args.checkpoint)
+    experiment, spec = restored.experiment, restored.experiment.explain
+    if spec is None:
+        raise UserError(f"experiment {experiment.name} does not say what its input is: give "
+                        f"its Experiment an explain=ExplainSpec(input=..., output=...)")
+    data = experiment.eval_data if args.split == "eval" else experiment.train_data
+    if data is None:
+        raise UserError("the experiment has no eval split; use --split train")
+    source = as_source(data, f"the {args.split} split")
+    if args.examples > len(source):
+        raise UserError(f"--examples {args.examples}, but the {args.split} split has "
+                        f"{len(source)} examples; ask for at most {len(source)}")
+    rows = source.get_batch(np.arange(args.examples))
+    baseline = _baseline(args.baseline, spec, restored, experiment)
+    backend = make_backend(args.backend or restored.config.parallel.backend)
+    result = explain(spec, restored.params, restored.model_state, rows, backend, method,
+                     baseline, target)
+    return _write(args, spec, restored, rows, result, method)
+
+
+def _baseline(choice: str, spec, restored, experiment) -> object:
+    if choice == "zeros":
+        return "zeros"
+    if choice == "mean":
+        from jaxdist.data import as_source
+
+        train = as_source(experiment.train_data, "the training data")
+        rows = train.get_batch(np.arange(min(len(train), MEAN_ROWS)))
+        return mean_features(spec, restored.params, rows)
+    path = Path(choice)
+    if path.suffix != ".npy" or not path.is_file():
+        raise UserError(f"--baseline {choice} is not zeros, mean or an existing .npy file")
+    return np.load(path, allow_pickle=False)
+
+
+def _write(args, spec, restored, rows, result, method) -> list[Path]:
+    from jaxdist.explain import pictures
+
+    out = Path(args.workdir) / "explain"
+    out.mkdir(exist_ok=True)
+    attributions = result.attributions
+    if spec.kind == "text":  # one number per token: summed over the embedding
+        attributions = attributions.reshape(*attributions.shape[:2], -1).sum(axis=-1)
+    labels = np.asarray(rows[spec.label]).reshape(-1) if spec.label else None
+    settings = {**asdict(method), "split": args.split, "baseline": args.baseline,
+                "target": args.target, "checkpoint": str(restored.checkpoint),
+                "step": restored.step}
+    arrays = {"inputs": np.asarray(rows[spec.input]), "attributions": attributions,
+              "predictions": result.predictions, "targets": result.targets,
+              "scores": result.scores, "baseline_scores": result.baseline_scores,
+              "method": np.array(json.dumps(settings))}
+    if labels is not None:
+        arrays["labels"] = labels
+    if spec.kind != "text":
+        arrays["features"] = result.features
+    npz = out / "attributions.npz"
+    np.savez(npz, **arrays)
+    title = (f"{restored.experiment.name}: {method.name} on {len(attributions)} "
+             f"{args.split} examples, step {restored.step}")
+    png = out / "attributions.png"
+    if spec.kind == "image":
+        pictures.images(result.features, attributions, result.predictions, labels, title, png)
+    elif spec.kind == "text":
+        pictures.text(np.asarray(rows[spec.input]), attributions, result.predictions, title,
+                      png)
+    else:
+        count = attributions.shape[1]
+        names = list(spec.feature_names) or [f"feature {i}" for i in range(count)]
+        coefficients = (np.asarray(spec.coefficients(restored.params))
+                        if spec.coefficients is not None else None)
+        pictures.tabular(attributions.reshape(len(attributions), -1), coefficients, names,
+                         title, png)
+    return [npz, png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: explain, or one line on stderr and exit status 2 for bad input."""
+    try:
+        for path in run(argv):
+            print(path)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
