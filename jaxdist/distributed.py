@@ -91,6 +91,12 @@ def initialize(settings: DistributedSettings) -> bool:
             raise UserError(f"--coordinator {settings.coordinator} is not HOST:PORT")
         if settings.process_id == 0:
             require_free_port(int(port), settings.coordinator)
+    from jaxdist.parallel import devices_ready
+
+    if devices_ready():
+        raise UserError("JAX has set up its devices already, so this process can no longer "
+                        "join a multi-process run: join first (in a notebook, restart the "
+                        "kernel and call jaxdist's initialize before anything else uses JAX)")
     # CPU devices talk over gloo (TCP); accelerators use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if settings.explicit and settings.process_id != 0:

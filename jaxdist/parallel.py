@@ -35,6 +35,33 @@ PyTree = Any
 StepFn = Callable[[PyTree, PyTree], PyTree]
 
 
+def devices_ready() -> bool:
+    """Whether JAX has set up its devices already (after which their number is fixed)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def use_cpu_devices(count: int) -> None:
+    """Split the CPU into `count` devices, to try data parallelism without an accelerator.
+
+    JAX fixes its devices the first time anything touches one, so call this first (in a
+    notebook: in the first cell, or after restarting the kernel); later it is refused with
+    one line, unless the devices already are `count` CPUs.
+    """
+    if count < 1:
+        raise UserError(f"--cpu-devices {count} must be >= 1")
+    if devices_ready():
+        devices = jax.devices()
+        if devices[0].platform == "cpu" and len(devices) == count:
+            return
+        raise UserError(f"JAX has set up its devices already ({len(devices)} "
+                        f"{devices[0].platform}); the CPU can be split into {count} only "
+                        f"before that: restart the process (the notebook's kernel) and ask "
+                        f"for {count} CPU devices before anything else uses JAX")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
 def select_devices(count: int = 0) -> list[jax.Device]:
     """Return the first `count` local devices, or all of them when `count` is 0."""
     devices = jax.local_devices()

@@ -1,4 +1,9 @@
-"""SIGTERM/SIGINT: finish the current step, save, exit 0; a second signal exits at once."""
+"""SIGTERM/SIGINT: finish the current step and save; a second signal stops at once.
+
+In the command line a second signal ends the process (status 128 + signal); from Python
+(a notebook's "interrupt kernel", a script) it raises `KeyboardInterrupt`, so the kernel
+stays usable. Either way the handlers that were there before are put back.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,14 @@ class PreemptionWatch:
 
     The first signal only sets `requested` (the loop checks it between steps, saves a
     checkpoint and returns). A second one ends the process at once with status
-    128 + signal number. Outside the main thread (where Python allows no handlers) it
-    does nothing.
+    128 + signal number when `exit_on_second_signal` (the CLI sets it), and raises
+    `KeyboardInterrupt` otherwise. Outside the main thread (where Python allows no
+    handlers) it does nothing.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     entered = False  # whether any run of this process has reached its training loop
+    exit_on_second_signal = False
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -31,7 +38,9 @@ class PreemptionWatch:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            os._exit(128 + signum)
+            if self.exit_on_second_signal:
+                os._exit(128 + signum)
+            raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}")
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> PreemptionWatch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import TextIO
 
 from tqdm import tqdm
@@ -30,7 +31,9 @@ class Progress:
 
     @classmethod
     def if_terminal(cls, stream: TextIO, total: int, initial: int = 0) -> Progress | None:
-        """A progress line when `stream` is a terminal, else None (plain lines instead)."""
+        """A progress bar for a terminal or a notebook, else None (plain lines instead)."""
+        if in_notebook(stream):
+            return NotebookProgress(stream, total, initial)
         isatty = getattr(stream, "isatty", None)
         return cls(stream, total, initial) if callable(isatty) and isatty() else None
 
@@ -58,3 +61,27 @@ class Progress:
     def close(self) -> None:
         """End the bar."""
         self._bar.close()
+
+
+def in_notebook(stream: TextIO) -> bool:
+    """Whether `stream` is the output of a Jupyter kernel's cell (Colab, Kaggle, Jupyter)."""
+    return "ipykernel" in sys.modules and stream is sys.stdout and not stream.isatty()
+
+
+class NotebookProgress(Progress):
+    """tqdm's notebook form (a widget where ipywidgets is installed, else text)."""
+
+    def __init__(self, stream: TextIO, total: int, initial: int = 0):
+        from tqdm.auto import tqdm as auto_tqdm
+
+        self._bar = auto_tqdm(total=total, initial=initial, unit="step", smoothing=0.1)
+
+    def write(self, line: str) -> None:
+        """Print a line above the bar (in the cell's output)."""
+        self._bar.write(line)
+
+    def show(self, line: str, split: str, values: dict[str, float]) -> None:
+        """Print a logged point; a train point's loss goes on the bar."""
+        self.write(line)
+        if split == "train" and "loss" in values:
+            self._bar.set_postfix({"loss": f"{values['loss']:.4g}"}, refresh=False)

@@ -109,11 +109,9 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.cpu_devices is not None:
-        if args.cpu_devices < 1:
-            raise UserError(f"--cpu-devices {args.cpu_devices} must be >= 1")
-        import jax
+        from jaxdist.parallel import use_cpu_devices
 
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        use_cpu_devices(args.cpu_devices)
     if not args.help and not args.list and initialize(DistributedSettings(
             coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id, auto=args.distributed,
@@ -168,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # Outside the training loop (which saves and exits 0), SIGTERM is an interrupt too.
         signal.signal(signal.SIGTERM, _interrupt)
+    PreemptionWatch.exit_on_second_signal = True  # a command may end at once; a kernel not
     try:
         status = run(argv)
     except UserError as error:

@@ -64,6 +64,22 @@ class TrainResult:
         """The last logged point of `split` (`train` or `eval`)."""
         return [r for r in self.records if r["split"] == split][-1]
 
+    def history(self, split: str = "train") -> dict[str, np.ndarray]:
+        """Every logged value of `split` as an array over its points, "step" included."""
+        points = [r for r in self.records if r["split"] == split]
+        names = [name for name in points[0] if name != "split"] if points else []
+        return {name: np.array([p.get(name, np.nan) for p in points], np.float64
+                               if name != "step" else np.int64) for name in names}
+
+    def __repr__(self) -> str:
+        shown = [f"step={self.step}", f"stop_reason={self.stop_reason!r}"]
+        for split in ("train", "eval"):
+            if any(r["split"] == split for r in self.records):
+                shown.append(f"{split}_loss={self.last(split)['loss']:.6g}")
+        if self.checkpoint is not None:
+            shown.append(f"checkpoint='{self.checkpoint}'")
+        return f"TrainResult({', '.join(shown)})"
+
 
 def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
         stream: TextIO | None = sys.stdout, *, start_over: bool = False,

@@ -18,8 +18,16 @@ echo "floors: $floors"
 "$python" -m venv "$folder/venv"
 pip="$folder/venv/bin/pip"
 "$pip" install -q $floors
-"$pip" install -q --no-deps -e . --config-settings editable_mode=compat
+# With its dependencies, as a notebook installs it: a jax already at the floor stays.
+"$pip" install -q -e . --config-settings editable_mode=compat
 "$folder/venv/bin/pip" list 2>/dev/null | grep -Ei "^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy) "
+for pinned in $floors; do
+  case "$pinned" in jax==*|jaxlib==*)
+    name=${pinned%%==*}; want=${pinned#*==}
+    have=$("$folder/venv/bin/python" -c "import importlib.metadata as m; print(m.version('$name'))")
+    test "$have" = "$want" || { echo "pip replaced $name $want by $have"; exit 1; } ;;
+  esac
+done
 
 run() { (cd "$folder" && "$folder/venv/bin/python" -m jaxdist.run "$@" --cpu-devices 2); }
 for experiment in "linear_regression parallel.backend=shard_map" digits_cnn; do

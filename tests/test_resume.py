@@ -174,9 +174,10 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
     assert store.latest() == step + 4
 
 
-def test_a_second_signal_exits_at_once():
+def test_a_second_signal_exits_at_once_from_the_command_line():
     script = ("import os, signal, time\n"
               "from jaxdist.preemption import PreemptionWatch\n"
+              "PreemptionWatch.exit_on_second_signal = True  # as jaxdist.run sets it\n"
               "with PreemptionWatch() as watch:\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    assert watch.requested and watch.signal_name == 'SIGTERM'\n"

@@ -60,9 +60,9 @@ def run(argv: list[str] | None = None) -> list[Path]:
     """Explain as `argv` says; return the paths written."""
     args = build_parser().parse_args(argv)
     if args.cpu_devices is not None:
-        import jax
+        from jaxdist.parallel import use_cpu_devices
 
-        jax.config.update("jax_num_cpu_devices", max(args.cpu_devices, 1))
+        use_cpu_devices(args.cpu_devices)
     method = Method(args.method, steps=args.steps, rule=args.rule, base=args.base,
                     noise=args.noise, samples=args.samples)
     method.check()
