@@ -6,11 +6,11 @@ One figure per metric (loss first), train and eval curves against the step, writ
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from jaxdist.cli import OneLineParser, print_paths
 from jaxdist.errors import UserError
 from jaxdist.metrics import METRICS_FILE, from_json_line
 
@@ -71,16 +71,9 @@ def plot(workdir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: plot a workdir; bad input gives one line and exit status 2."""
-    parser = argparse.ArgumentParser(prog="python -m jaxdist.plot", description=__doc__)
+    parser = OneLineParser(prog="python -m jaxdist.plot", description=__doc__)
     parser.add_argument("workdir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        for path in plot(args.workdir):
-            print(path)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return print_paths(lambda: plot(parser.parse_args(argv).workdir))
 
 
 if __name__ == "__main__":

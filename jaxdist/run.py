@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from jaxdist.agreement import FailureWatch, announce_failure, leave_after_failure
+from jaxdist.cli import OneLineParser
 from jaxdist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DistributedSettings,
@@ -33,16 +34,9 @@ DEBUG_VARIABLE = "JAXDIST_DEBUG"
 PEER_FAILURES = FailureWatch()  # started once this process has joined a multi-process run
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line and exit 2, like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see python -m jaxdist.run --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m jaxdist.run", add_help=False,
         description="Train a jaxdist experiment on every local device.",
         epilog="Overrides are KEY=VALUE pairs, e.g. train.steps=500 optimizer.learning_rate=0.1 "

@@ -17,20 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdist.cli import OneLineParser, print_paths
 from jaxdist.errors import UserError
 from jaxdist.explain import METHODS, RULES, Method, explain, mean_features
 
 MEAN_ROWS = 2048  # training rows averaged for the "mean" baseline
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see python -m jaxdist.explain --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    parser = _OneLineParser(prog="python -m jaxdist.explain",
+    parser = OneLineParser(prog="python -m jaxdist.explain",
                             description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("workdir", type=Path, help="the --workdir of a jaxdist run")
     parser.add_argument("--examples", type=int, default=8, metavar="N",
@@ -153,13 +149,7 @@ def _write(args, spec, restored, rows, result, method) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: explain, or one line on stderr and exit status 2 for bad input."""
-    try:
-        for path in run(argv):
-            print(path)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return print_paths(lambda: run(argv))
 
 
 if __name__ == "__main__":
