@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
-
-import jax
 
 from jaxdist.errors import UserError
 
@@ -91,6 +90,8 @@ def initialize(settings: DistributedSettings) -> bool:
             raise UserError(f"--coordinator {settings.coordinator} is not HOST:PORT")
         if settings.process_id == 0:
             require_free_port(int(port), settings.coordinator)
+    import jax
+
     from jaxdist.parallel import devices_ready
 
     if devices_ready():
@@ -148,6 +149,8 @@ def _any_free_port() -> int:
 
 def joined() -> bool:
     """Whether this process has joined a multi-process run (without touching a device)."""
+    if "jax" not in sys.modules:
+        return False
     from jax._src import distributed
 
     return distributed.global_state.client is not None
@@ -155,11 +158,15 @@ def joined() -> bool:
 
 def is_primary() -> bool:
     """Whether this is process 0, the one that writes logs, metrics and checkpoints."""
+    import jax
+
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (no-op when alone)."""
+    import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -168,6 +175,8 @@ def barrier(name: str) -> None:
 
 def any_process(flag: bool) -> bool:
     """True if `flag` is True on any process; every process gets the same answer."""
+    import jax
+
     if jax.process_count() == 1:
         return flag
     import numpy as np

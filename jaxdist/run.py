@@ -17,7 +17,6 @@ import time
 import traceback
 from pathlib import Path
 
-from jaxdist.agreement import FailureWatch, announce_failure, leave_after_failure
 from jaxdist.cli import OneLineParser
 from jaxdist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -31,7 +30,8 @@ from jaxdist.preemption import PreemptionWatch
 
 USAGE_EXIT = 2
 DEBUG_VARIABLE = "JAXDIST_DEBUG"
-PEER_FAILURES = FailureWatch()  # started once this process has joined a multi-process run
+# Started once this process has joined a multi-process run (jaxdist.agreement.FailureWatch).
+_peer_failures = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +111,10 @@ def run(argv: list[str] | None = None) -> int:
             process_id=args.process_id, auto=args.distributed,
             heartbeat_timeout=args.heartbeat_timeout,
             initialization_timeout=args.join_timeout)):
-        PEER_FAILURES.start()
+        from jaxdist.agreement import FailureWatch
+
+        global _peer_failures
+        _peer_failures = FailureWatch().start()
 
     from jaxdist.config import describe_keys
     from jaxdist.discovery import list_experiments, load, load_experiment
@@ -171,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                 else "during start-up; nothing was saved")
         status = _fail(error, f"error: interrupted by {signal.Signals(signum).name} {when}",
                        128 + signum, debug)
+        # Interrupted anywhere (inside jax's start-up, say), the interpreter's own clean-up
+        # can crash on half-built native state; nothing is left to save, so leave directly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     except BaseException as error:
         if isinstance(error, SystemExit):
             raise
@@ -183,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a bug: the traceback is for us to read
             status = _fail(error, None, 1, True)
     finally:
-        PEER_FAILURES.stop()
+        if _peer_failures is not None:
+            _peer_failures.stop()
     return status
 
 
@@ -222,6 +231,8 @@ def _fail(error: BaseException, line: str | None, status: int, debug: bool) -> i
     if line is not None:
         print(line, file=sys.stderr, flush=True)
     if joined():
+        from jaxdist.agreement import announce_failure, leave_after_failure
+
         announce_failure(line.removeprefix("error: ") if line else
                          f"{type(error).__name__}: {error}")
         leave_after_failure(status)
