@@ -49,6 +49,9 @@ class TrainConfig:
     # row stop the run with an error (0 never stops it).
     max_nonfinite: int = 10
     skip_nonfinite: bool = True
+    # How a skipped step keeps the state: cond (a branch; the finite path touches nothing
+    # extra) or where (a select over every parameter; no branch). Bit-identical results.
+    skip_with: Literal["cond", "where"] = "cond"
     # bf16: compute in bfloat16, keep params and optimizer state in float32.
     precision: Literal["fp32", "bf16"] = "fp32"
     # Split each device's batch into this many micro-batches, one update for all of them.
@@ -285,7 +288,7 @@ def validate(config: Config) -> None:
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_nonfinite", "train.early_stopping.", "checkpoint.", "parallel.backend",
-    "parallel.devices", "loader.prefetch",
+    "parallel.devices", "loader.prefetch", "train.skip_with",
 )
 
 
@@ -318,10 +321,33 @@ def resume_conflicts(saved: Mapping[str, Any], current: Config,
         if (key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed
                 or key == EXPERIMENT_KEY):  # the experiment's identity is checked apart
             continue
+        if key not in old and new.get(key) == _default(current, key):
+            continue  # a key added since that run was saved, at its default
         if old.get(key, "(absent)") != new.get(key, "(absent)"):
             conflicts.append(f"{key}={old.get(key, '(absent)')} there, "
                              f"{new.get(key, '(absent)')} now")
     return conflicts
+
+
+def _default(config: Config, key: str) -> Any:
+    """The default of the config field `key` (a dotted path), or a marker if it has none."""
+    node: Any = config
+    *parents, name = key.split(".")
+    for part in parents:
+        node = getattr(node, part, None)
+    fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(
+        node) else {}
+    if name not in fields:
+        return _NO_DEFAULT
+    f = fields[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
 
 
 def _deep_copy(config: Any) -> Any:

@@ -170,7 +170,10 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        from jaxdist.dispatch import host_reads
+
+        with host_reads():
+            multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:
@@ -182,4 +185,7 @@ def any_process(flag: bool) -> bool:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    from jaxdist.dispatch import host_reads
+
+    with host_reads():
+        return bool(np.any(multihost_utils.process_allgather(np.array(flag))))

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import jax
 
+from jaxdist.dispatch import host_reads
 from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import Backend
@@ -46,16 +47,24 @@ class MetricWindow:
         """Remember one step's summed metrics (still on the devices)."""
         self._pending.append(sums)
 
-    def sync(self, backend: Backend) -> list[dict[str, float]]:
-        """Copy the pending steps to the host, add them up, and return them in order."""
-        rows = [{name: float(value) for name, value in sums.items()}
-                for sums in backend.first_copy(self._pending)]
+    def sync(self, backend: Backend, also: Any = None) -> tuple[list[dict[str, float]], Any]:
+        """Copy the pending steps to the host, add them up, and return them in order.
+
+        Everything comes back in one transfer (`Backend.small_values_to_host`), together
+        with `also` (a tree of small replicated values read at the same point, e.g. the
+        learning rate), which is returned as numpy.
+        """
+        if not self._pending and also is None:
+            return [], None
+        with host_reads():
+            pending, also = backend.small_values_to_host((self._pending, also))
+        rows = [{name: float(value) for name, value in sums.items()} for sums in pending]
         self._pending = []
         for row in rows:
             for name, value in row.items():
                 self.totals[name] = self.totals.get(name, 0.0) + value
         self.steps += len(rows)
-        return rows
+        return rows, also
 
     def summarize(self, backend: Backend) -> dict[str, float]:
         """Exact weighted means over the window, plus counts and rates; resets the window."""

@@ -176,6 +176,14 @@ class Backend:
         """Split a host batch (leaves `[B, ...]`) over the devices, `B / devices` rows each."""
         raise NotImplementedError
 
+    def replicated_shapes(self, tree: PyTree) -> PyTree:
+        """What `replicate(tree)` would give, as shapes with shardings (nothing is placed)."""
+        raise NotImplementedError
+
+    def batch_shapes(self, batch: PyTree) -> PyTree:
+        """What `put_batch(batch)` would give, as shapes with shardings."""
+        raise NotImplementedError
+
     def compile(self, step: StepFn, donate_state: bool = True,
                 traced: bool = False) -> StepFn:
         """Map a per-device `step(state, batch) -> outputs` over the devices.
@@ -227,6 +235,33 @@ class Backend:
         """Return one device's copy of a replicated tree as numpy, copying nothing else."""
         raise NotImplementedError
 
+    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        """The first device's buffer of a replicated array (still there), and a copy's shape."""
+        raise NotImplementedError
+
+    def small_values_to_host(self, tree: PyTree) -> PyTree:
+        """One device's copy of a tree of small replicated values, in one transfer per dtype.
+
+        The first device's copies are concatenated on that device and copied to the host
+        at once: reading a log window of steps x metrics scalars one by one would cost a
+        device-to-host round trip each. Exact: concatenation only moves bytes.
+        """
+        leaves, treedef = jax.tree.flatten(tree)
+        firsts = [self.first_shard(leaf) for leaf in leaves]
+        shards, shapes = [s for s, _ in firsts], [shape for _, shape in firsts]
+        by_dtype: dict[Any, list[int]] = {}
+        for index, shard in enumerate(shards):
+            by_dtype.setdefault(shard.dtype, []).append(index)
+        host: list[Any] = [None] * len(leaves)
+        for indices in by_dtype.values():
+            flat = np.asarray(_concatenate([shards[i] for i in indices]))
+            offset = 0
+            for i in indices:
+                size = shards[i].size
+                host[i] = flat[offset:offset + size].reshape(shapes[i])
+                offset += size
+        return jax.tree.unflatten(treedef, host)
+
 
 class PmapBackend(Backend):
     """`jax.pmap` over the selected devices of all processes, fed per process."""
@@ -247,6 +282,18 @@ class PmapBackend(Backend):
             return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
 
         return jax.tree.map(put, tree)
+
+    def replicated_shapes(self, tree: PyTree) -> PyTree:
+        """A leading device axis, split over the devices."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *np.shape(x)), _dtype(x),
+                                                           sharding=sharding), tree)
+
+    def batch_shapes(self, batch: PyTree) -> PyTree:
+        """`[devices, B / devices, ...]`, split over the devices."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            (n, np.shape(x)[0] // n, *np.shape(x)[1:]), _dtype(x), sharding=sharding), batch)
 
     def put_batch(self, batch: PyTree) -> PyTree:
         """Reshape each `[B, ...]` leaf to `[devices, B / devices, ...]` and place it."""
@@ -299,6 +346,10 @@ class PmapBackend(Backend):
         """Read only the first device's shard of every leaf."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
+    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        """Device 0's row `[1, ...]` of the leading device axis; a copy is `x.shape[1:]`."""
+        return x.addressable_shards[0].data, x.shape[1:]
+
 
 class ShardMapBackend(Backend):
     """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected devices of all processes."""
@@ -317,6 +368,20 @@ class ShardMapBackend(Backend):
             return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
         return jax.tree.map(put, tree)
+
+    def replicated_shapes(self, tree: PyTree) -> PyTree:
+        """The leaves' own shapes, replicated over the mesh."""
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x),
+                                                           sharding=sharding), tree)
+
+    def batch_shapes(self, batch: PyTree) -> PyTree:
+        """The global batch (every process's slice), split along its first axis."""
+        processes = len(self.global_devices) // self.num_devices
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            (np.shape(x)[0] * processes, *np.shape(x)[1:]), _dtype(x), sharding=sharding),
+            batch)
 
     def put_batch(self, batch: PyTree) -> PyTree:
         """Split this process's slice (leaves `[B / processes, ...]`) over its devices.
@@ -359,6 +424,20 @@ class ShardMapBackend(Backend):
     def first_copy(self, tree: PyTree) -> PyTree:
         """Read only the first device's copy of every leaf."""
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        """The first device's (whole) copy."""
+        return x.addressable_shards[0].data, x.shape
+
+
+def _dtype(x: Any) -> np.dtype:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+@jax.jit
+def _concatenate(arrays: list[jax.Array]) -> jax.Array:
+    # One compiled gather per window length; runs where the arrays live (the first device).
+    return jax.numpy.concatenate([a.reshape(-1) for a in arrays])
 
 
 def _per_device_shapes(state: PyTree, batch: PyTree, processes: int) -> tuple[PyTree, PyTree]:

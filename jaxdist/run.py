@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                         help="let KEY differ from the checkpoint's value on resume (e.g. "
                              "optimizer.learning_rate after a run diverged); repeatable")
+    parser.add_argument("--compilation-cache", metavar="DIR|off",
+                        help="keep compiled steps here, so that a resumed run does not "
+                             "compile again (default: $JAXDIST_COMPILATION_CACHE, else "
+                             "~/.cache/jaxdist/xla; off: no cache)")
     parser.add_argument("--debug", action="store_true",
                         help=f"show full tracebacks for user errors too (or "
                              f"{DEBUG_VARIABLE}=1)")
@@ -134,6 +138,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     experiment, config = load(args.experiment, args.overrides)
     workdir = args.workdir or default_workdir(args.experiment)
+    from jaxdist.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(args.compilation_cache)
 
     from jaxdist.train import fit
 

@@ -46,11 +46,16 @@ class RunState:
         self.guard = NonfiniteGuard(t.max_nonfinite)
         self.checkpoint: Path | None = None  # the newest checkpoint written or restored
 
-    def sync(self, step: int) -> None:
-        """Bring the window's pending steps to the host and check their non-finite flags."""
-        for row in self.window.sync(self.backend):
+    def sync(self, step: int, also: Any = None) -> Any:
+        """Bring the window's pending steps to the host and check their non-finite flags.
+
+        `also` (small replicated values) comes back in the same transfer, as numpy.
+        """
+        rows, also = self.window.sync(self.backend, also)
+        for row in rows:
             if self.guard.update(row[NONFINITE] > 0):
                 raise UserError(self._nonfinite_message(step))
+        return also
 
     def _nonfinite_message(self, step: int) -> str:
         skipped = " and were skipped" if self.config.train.skip_nonfinite else ""
@@ -217,7 +222,7 @@ def train_step_fn(experiment: Experiment, start: Start) -> Callable:
     c = start.config
     return make_train_step(experiment.loss_fn, start.tx, c.parallel.grad_reduce,
                            c.train.skip_nonfinite, has_state=experiment.has_state,
-                           grad_accum=c.train.grad_accum)
+                           grad_accum=c.train.grad_accum, skip_with=c.train.skip_with)
 
 
 def _saved_run(store: CheckpointStore, workdir: Path) -> SavedRun | None:

@@ -115,7 +115,8 @@ def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
 
 def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
                     grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
-                    *, has_state: bool = False, grad_accum: int = 1
+                    *, has_state: bool = False, grad_accum: int = 1,
+                    skip_with: Literal["cond", "where"] = "cond"
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
@@ -126,13 +127,16 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     A step whose global loss or gradient holds a NaN or inf counts 1 in `nonfinite_steps`.
     With `skip_nonfinite` it also changes neither the params, the model state nor the
     optimizer state, on every device alike (the test is made on the all-reduced values,
-    which every device shares), and its metric sums are zeroed.
+    which every device shares), and its metric sums are zeroed. `skip_with="cond"` branches
+    (`lax.cond`); `"where"` computes the update and selects, leaf by leaf, with no branch.
 
     A micro-batch whose total weight over all devices is 0 (all padding) leaves the model
     state (e.g. BatchNorm's running statistics) as it was.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
+    if skip_with not in ("cond", "where"):
+        raise ValueError(f"skip_with must be 'cond' or 'where', not {skip_with!r}")
     loss = loss_fn if has_state else stateful(loss_fn)
 
     def weighted_loss_sum(params, model_state, batch, rng):
@@ -192,12 +196,15 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
             return optax.apply_updates(state.params, updates), opt_state, model_state
 
         finite = _all_finite((totals[LOSS_SUM], grads))
+        kept = (state.params, state.opt_state, state.model_state)
+        if skip_nonfinite and skip_with == "cond":
+            # The finite path costs no extra pass over the params and optimizer state.
+            params, opt_state, model_state = jax.lax.cond(finite, update, lambda _: kept,
+                                                          model_state)
+        elif skip_nonfinite:
+            params, opt_state, model_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), update(model_state), kept)
         if skip_nonfinite:
-            # A cond, not a select: the common (finite) path costs no extra pass over the
-            # params and optimizer state.
-            params, opt_state, model_state = jax.lax.cond(
-                finite, update, lambda _: (state.params, state.opt_state, state.model_state),
-                model_state)
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
         else:
             params, opt_state, model_state = update(model_state)

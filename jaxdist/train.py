@@ -23,9 +23,10 @@ import jax
 import numpy as np
 
 from jaxdist.agreement import agree, require_same_config
+from jaxdist.compile_cache import FirstStepTimer
 from jaxdist.config import Config, flatten, to_dict, to_json
 from jaxdist.data import DevicePrefetcher, eval_batches
-from jaxdist.dispatch import InFlightLimit
+from jaxdist.dispatch import InFlightLimit, host_reads
 from jaxdist.distributed import any_process, barrier, is_primary
 from jaxdist.experiment import Experiment
 from jaxdist.files import write_text_atomically
@@ -90,9 +91,10 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
     `allow_changes` names config keys (e.g. `optimizer.learning_rate`) that may differ from
     the checkpoint's on resume; every other difference is refused.
     """
-    start = agree("start", lambda: prepare_run(experiment, config, workdir, start_over,
-                                               allow_changes),
-                  undo=lambda started: started.lock and started.lock.release())
+    with host_reads():  # start-up reads and writes device values freely
+        start = agree("start", lambda: prepare_run(experiment, config, workdir, start_over,
+                                                   allow_changes),
+                      undo=lambda started: started.lock and started.lock.release())
     try:
         require_same_config({**flatten(to_dict(start.config)),
                              "experiment": start.run.identity})
@@ -140,8 +142,10 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             traced=True)
 
     def log_train() -> None:
+        # The window's metrics and the learning rate come back in one transfer.
+        lr = run.sync(step, also=learning_rate(state.opt_state))
         values = run.window.summarize(backend)
-        values["lr"] = float(backend.first_copy(learning_rate(state.opt_state)))
+        values["lr"] = float(lr)
         logger.log(step, "train", values)
 
     def run_eval(stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
@@ -154,7 +158,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
         if store is None:
             return
         run.sync(step)
-        host = backend.first_copy(state)
+        with host_reads():
+            host = backend.first_copy(state)
         if not _all_finite(host.params):
             logger.say(f"step {step}: no checkpoint saved, the parameters are not finite")
             return
@@ -166,6 +171,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
 
     stop_reason, eval_values, in_flight = "completed", None, InFlightLimit()
     single = jax.process_count() == 1
+    first_step = FirstStepTimer()
     logger.start_progress(step)
     try:
         with PreemptionWatch() as watch:
@@ -173,12 +179,13 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                                   config.loader.prefetch) as batches:
                 while step < t.steps:
                     state, sums = train_step(state, next(batches))
+                    if first_step.pending:
+                        logger.say(first_step.report(sums))
                     step += 1
                     run.window.add(sums)
                     in_flight.add(sums)
                     logger.advance()
                     if step % t.log_every == 0:
-                        run.sync(step)
                         log_train()
                     elif step == t.steps:
                         # Log the last partial window, but keep its sums for the checkpoint:
@@ -195,8 +202,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                             stop_reason = "early_stopped"
                     # Every process must stop after the same step: alone, at once; with
                     # peers, at the next log point, where they agree (one small all-gather).
-                    if (watch.requested if single else (
-                            step % t.log_every == 0 and any_process(watch.requested))):
+                    if (watch.requested if single else (step % t.log_every == 0 and (
+                            any_process(watch.requested)))):
                         stop_reason = "preempted"
                     if stop_reason != "completed":
                         save(batches.state(), eval_values, stop_reason)
@@ -216,7 +223,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                         stop=(lambda: watch.requested) if single else None)
                     if eval_values is None:
                         stop_reason = "preempted"
-                if stop_reason == "completed" and not single and any_process(watch.requested):
+                if (stop_reason == "completed" and not single
+                        and any_process(watch.requested)):
                     stop_reason = "preempted"
                 save(loader_state, eval_values, stop_reason)
         if stop_reason == "early_stopped":
@@ -254,5 +262,5 @@ def evaluate(backend: Backend, eval_step: Any, state: TrainState, data: Any,
             sums = eval_step(state, batch)
             window.add(sums)
             in_flight.add(sums)
-    values = window.summarize(backend)
+    values = window.summarize(backend)  # one transfer for the whole pass
     return {name: value for name, value in values.items() if name not in TIMING_KEYS}

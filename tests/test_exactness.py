@@ -104,6 +104,23 @@ def test_the_nonfinite_stop_names_the_checkpoint_that_exists(tmp_path):
         fit(mlp_experiment(data), config, tmp_path / "run", stream=None)
 
 
+def test_skipping_by_cond_and_by_where_give_the_same_run():
+    """The non-finite guard's two forms (a branch, a select) are bit-identical."""
+    data = make_data(64)
+    data["x"][5, 0] = np.inf  # one batch in four holds it
+    runs = []
+    for skip_with in ("cond", "where"):
+        config = toy_config(steps=12, batch_size=16, log_every=1)
+        config.train.max_nonfinite = 0
+        config.train.skip_with = skip_with
+        runs.append(fit(mlp_experiment(data), config, stream=None))
+    cond, where = runs
+    assert 0 < sum(r["nonfinite_steps"] for r in cond.records if r["split"] == "train") < 12
+    assert cond.records == where.records
+    for a, b in zip(jax.tree.leaves(cond.params), jax.tree.leaves(where.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # 3. Padding rows are copies of real rows and never reach a loss.
 
 def relative_error_experiment(data):

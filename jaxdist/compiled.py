@@ -1,0 +1,106 @@
+"""The train step as XLA sees it: lowered, compiled, and what its program holds.
+
+For checks and reports that need the step without training it: the collectives of the
+optimized program (what crosses devices, and how many elements), host round trips that
+would stall a step (host callbacks, infeed/outfeed), the dtypes of the matrix products, and
+XLA's own memory analysis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxdist.config import Config
+from jaxdist.experiment import Experiment
+from jaxdist.start import Start, prepare_run, train_step_fn
+
+# Instructions of an optimized HLO module that move data between devices.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute", "collective-broadcast", "send", "recv")
+# Instructions that make a step wait for the host.
+HOST_ROUND_TRIPS = ("infeed", "outfeed", "host-compute")
+_HOST_CALLBACK = re.compile(r'custom_call_target="[^"]*callback[^"]*"', re.IGNORECASE)
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>[a-z\-]+)(?P<rest>\(.*)$")
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction of an HLO module: its op, and the arrays its result holds."""
+
+    op: str
+    arrays: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each result array
+
+    @property
+    def elements(self) -> int:
+        """How many elements its result holds (all arrays of a tuple together)."""
+        return sum(int(np.prod(shape)) for _, shape in self.arrays)
+
+
+def instructions(hlo_text: str) -> list[Instruction]:
+    """Every instruction of an HLO module's text (`Compiled.as_text()`)."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            continue
+        arrays = tuple((m["dtype"], tuple(int(d) for d in m["dims"].split(",") if d))
+                       for m in _ARRAY.finditer(match["shape"]))
+        found.append(Instruction(match["op"], arrays))
+    return found
+
+
+def collectives(hlo_text: str) -> list[Instruction]:
+    """The cross-device instructions (an async pair `*-start`/`*-done` counts once)."""
+    return [i for i in instructions(hlo_text)
+            if i.op in COLLECTIVES or (i.op.endswith("-start") and i.op[:-6] in COLLECTIVES)]
+
+
+def host_round_trips(hlo_text: str) -> list[str]:
+    """The instructions that would make a step wait for the host (callbacks, in/outfeed)."""
+    found = [i.op for i in instructions(hlo_text) if i.op in HOST_ROUND_TRIPS]
+    found += [m.group(0) for m in _HOST_CALLBACK.finditer(hlo_text)]
+    return found
+
+
+def lower_train_step(experiment: Experiment, config: Config) -> tuple[Any, Start]:
+    """The run's train step lowered for its devices (`jax.stages.Lowered`), and its `Start`.
+
+    Nothing is trained and no workdir is touched. `.compile()` gives the optimized program
+    (`.as_text()`, `.memory_analysis()`); `.as_text()` the program before optimization.
+    """
+    start = prepare_run(experiment, config, None, False, ())
+    backend = start.backend
+    step = backend.compile(train_step_fn(experiment, start), traced=True)
+    return step.lower(backend.replicated_shapes(start.host_state),
+                      backend.batch_shapes(start.loader.peek())), start
+
+
+_MATMUL = re.compile(r"stablehlo\.(?P<op>dot_general|convolution)\b[^\n]*?:\s*"
+                     r"\(tensor<(?P<lhs>[^>]*)>,\s*tensor<(?P<rhs>[^>]*)>\)")
+
+
+_ALGORITHM = re.compile(r"lhs_precision_type = (?P<lhs>\w+), rhs_precision_type = (?P<rhs>\w+)")
+
+
+def matmul_dtypes(lowered_text: str) -> list[tuple[str, str, str]]:
+    """`(op, lhs dtype, rhs dtype)` of every dot and convolution of a lowered program.
+
+    Read from the program before XLA optimizes it (`Lowered.as_text()`): that is what the
+    model asked for; a backend may still change how it computes (XLA:CPU upcasts bf16). A
+    dot with an explicit algorithm (JAX's attention backward pass multiplies float32
+    probabilities this way) reports the types its operands are rounded to.
+    """
+    found = []
+    for m in _MATMUL.finditer(lowered_text):
+        algorithm = _ALGORITHM.search(m.group(0))
+        if algorithm:  # operands are rounded to these types, whatever they are stored in
+            found.append((m["op"], algorithm["lhs"], algorithm["rhs"]))
+        else:
+            found.append((m["op"], m["lhs"].split("x")[-1], m["rhs"].split("x")[-1]))
+    return found
