@@ -85,3 +85,16 @@ def test_every_leaf_key_is_listed_and_saved():
                 "parallel.grad_reduce", "parallel.devices", "model.width"]:
         assert key in keys
     assert to_dict(base())["model"]["width"] == 4
+
+
+def test_a_key_added_since_a_checkpoint_resumes_only_at_its_default():
+    """A checkpoint saved before a config key existed: its absence means the default."""
+    from jaxdist.config import Config, flatten, resume_conflicts, to_dict
+
+    current = Config()
+    saved = to_dict(current)
+    del saved["optimizer"]["clip_norm"]  # as if saved before the key existed
+    assert resume_conflicts(saved, current) == []
+    current.optimizer.clip_norm = 1.0
+    assert resume_conflicts(saved, current) == ["optimizer.clip_norm=(absent) there, 1.0 now"]
+    assert "optimizer.clip_norm" not in flatten(saved)
