@@ -5,11 +5,25 @@ and output embeddings. The text is `data.path` (a file, or every file under a fo
 by default, the top-level `.py` files of the standard library of the Python running it
 (about 4.7 MB on Python 3.11; real text that is always there). The last 5% of the bytes
 are held out. Reported: loss (nats per byte) and `bits_per_byte` on train and held-out.
+`data.tokens=PATH` reads GPT-2 token files instead, memory-mapped: nanoGPT's headerless
+uint16 `.bin` or llm.c's shards (told apart by llm.c's header), one file or a folder of
+`*.bin` whose files with `val` in their name are held out (without one, the last 5% of
+the tokens); set `model.vocab_size` to cover them (50257 for GPT-2). The loss is then
+in nats per token and the metric is `bits_per_token`; `scripts/make_tokens.py` writes a
+synthetic file.
 
 Sizes (`model.size`): `tiny` (2 layers, width 128, 128-byte context) for the CPU; `small`;
 `gpt2` (12 layers, width 768, 12 heads, 1024-byte context: GPT-2 small's shape; with a
 256-byte vocabulary it has 86M parameters, `model.vocab_size=50257` gives GPT-2's 124M) for
 a GPU, e.g. `model.size=gpt2 train.batch_size=16 train.precision=bf16`.
+
+Speed levers, each changing how the same values are computed, not the values:
+`model.attention=cudnn` runs attention as cuDNN's flash attention (an NVIDIA GPU with
+`train.precision=bf16`; elsewhere it is refused), instead of XLA's (`xla`, the default).
+`model.loss_chunk=N` computes the loss over N positions' logits at a time, recomputing them
+in the backward pass, instead of keeping all `[batch, time, vocab]` of them (0, the default).
+`model.remat=block` recomputes each transformer block in the backward pass instead of
+keeping its activations, and `dots` all but its Dense layers' outputs (`none`, the default).
 
 Command:   python -m jaxdist.run gpt_lm
 Runtime:   about 145 s on a 2-core CPU with 8 fake devices (tiny, 600 steps of 32 x 128 bytes,
@@ -23,25 +37,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import jax.numpy as jnp
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
+from jaxdist.data.tokens import token_windows
 from jaxdist.errors import UserError
-from jaxdist.losses import cross_entropy
-from jaxdist.models.gpt import GPT, SIZES
+from jaxdist.losses import chunked_cross_entropy, cross_entropy
+from jaxdist.models.gpt import GPT, SIZES, check_attention
 from jaxdist.precision import compute_dtype
 
 
 @dataclass
 class GPTModelConfig:
-    """The model's size."""
+    """The model's size, and speed levers that leave the values computed as they are."""
 
     size: str = "tiny"  # tiny | small | gpt2
     vocab_size: int = 256
     dropout: float = 0.0
+    attention: Literal["xla", "cudnn"] = "xla"  # cudnn: flash attention (NVIDIA GPU, bf16)
+    loss_chunk: int = 0  # >0: the loss over this many positions' logits at a time; 0: all
+    remat: Literal["none", "block", "dots"] = "none"  # what the backward pass recomputes
 
 
 @dataclass
@@ -50,7 +69,8 @@ class TextDataConfig:
 
     path: str = ""  # a file or a folder; empty: the Python standard library's .py files
     max_bytes: int = 0  # read at most this many bytes (0: all)
-    held_out: float = 0.05  # the last fraction of the bytes, for evaluation
+    held_out: float = 0.05  # the last fraction of the bytes (or tokens), for evaluation
+    tokens: str = ""  # uint16 token files (a .bin or a folder of them) instead of bytes
 
 
 def config() -> Config:
@@ -78,30 +98,45 @@ def build(config: Config) -> Experiment:
     if m.size not in SIZES:
         raise UserError(f"model.size={m.size} is unknown; choose one of: {', '.join(SIZES)}")
     size = SIZES[m.size]
-    text = read_bytes(text_files(d.path), d.max_bytes)
-    split = int(len(text) * (1 - d.held_out))
-    train, held_out = ByteWindows(text[:split], size.seq_len), ByteWindows(text[split:],
-                                                                            size.seq_len)
+    if d.path and d.tokens:
+        raise UserError(f"data.path={d.path} and data.tokens={d.tokens} are both given; give "
+                        f"one (data.path: text read as bytes, data.tokens: token files)")
+    if d.tokens:
+        train, held_out = token_windows(d.tokens, size.seq_len, d.held_out, m.vocab_size)
+    else:
+        text = read_bytes(text_files(d.path), d.max_bytes)
+        split = int(len(text) * (1 - d.held_out))
+        train, held_out = ByteWindows(text[:split], size.seq_len), ByteWindows(text[split:],
+                                                                                size.seq_len)
+    bits_per = "bits_per_token" if d.tokens else "bits_per_byte"
     precision = config.train.precision
+    check_attention(m.attention, compute_dtype(precision))
+    if m.loss_chunk < 0:
+        raise UserError(f"model.loss_chunk={m.loss_chunk} is negative; give a number of "
+                        f"positions, or 0 for the loss over all the logits at once")
     model = GPT(vocab_size=m.vocab_size, size=size, dropout=m.dropout,
-                dtype=compute_dtype(precision))
+                dtype=compute_dtype(precision), attention=m.attention, remat=m.remat)
 
-    def per_sequence(logits, tokens):
+    def per_sequence(params, tokens, **apply):
+        """Each window's mean next-token loss: from all the logits, or chunk by chunk."""
         targets = tokens[:, 1:]
-        losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        losses = losses.reshape(targets.shape).mean(axis=1)
-        return losses, {"bits_per_byte": losses / math.log(2)}
+        if m.loss_chunk:
+            hidden = model.apply({"params": params}, tokens[:, :-1], return_hidden=True,
+                                 **apply)
+            losses = chunked_cross_entropy(hidden, params["wte"]["embedding"], targets,
+                                           m.loss_chunk)
+        else:
+            logits = model.apply({"params": params}, tokens[:, :-1], **apply)
+            losses = cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                   targets.reshape(-1)).reshape(targets.shape)
+        losses = losses.mean(axis=1)
+        return losses, {bits_per: losses / math.log(2)}
 
     def loss_fn(params, batch, rng):
-        tokens = batch["tokens"]
-        logits = model.apply({"params": params}, tokens[:, :-1], train=True,
-                             rngs={"dropout": rng})
-        return per_sequence(logits, tokens)
+        return per_sequence(params, batch["tokens"], train=True, rngs={"dropout": rng})
 
     def eval_fn(params, batch):
-        tokens = batch["tokens"]
-        return per_sequence(model.apply({"params": params}, tokens[:, :-1], train=False),
-                            tokens)
+        return per_sequence(params, batch["tokens"], train=False)
 
     def init_params(rng):
         dummy = jnp.zeros((1, size.seq_len), jnp.int32)

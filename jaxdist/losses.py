@@ -6,6 +6,8 @@ Losses are computed in float32 whatever dtype the model computed in (see
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,40 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
         losses = losses * weights[jnp.clip(labels, 0, num_classes - 1)]
     in_range = (labels >= 0) & (labels < num_classes)
     return jnp.where(in_range, losses, jnp.nan)
+
+
+def chunked_cross_entropy(hidden: jax.Array, embedding: jax.Array, labels: jax.Array,
+                          chunk: int) -> jax.Array:
+    """`cross_entropy(hidden @ embedding.T, labels)`, `chunk` positions' logits at a time.
+
+    For a language model's tied output layer: `hidden` `[..., width]` are the final hidden
+    states, `embedding` `[vocab, width]` the token embedding and `labels` `[...]` integer
+    tokens; the result has `labels`' shape, in float32. The logits are computed in
+    `hidden`'s dtype (the compute dtype, as `flax.linen.Embed.attend` does) and their
+    log-softmax in float32, but never for more than `chunk` positions at once: the backward
+    pass recomputes each chunk's logits rather than keeping `[positions, vocab]` of them.
+    A position count that `chunk` does not divide is padded, and the padding dropped.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, not {chunk}")
+    width = hidden.shape[-1]
+    flat_hidden, flat_labels = hidden.reshape(-1, width), labels.reshape(-1)
+    positions = flat_labels.shape[0]
+    chunks = -(-positions // chunk)
+    pad = chunks * chunk - positions
+    # Zero hidden states and label 0 give finite losses, which the slice below drops.
+    flat_hidden = jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(chunks, chunk, width)
+    flat_labels = jnp.pad(flat_labels, (0, pad)).reshape(chunks, chunk)
+
+    # prevent_cse=False: inside lax.map's scan, CSE cannot undo the recomputation.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_losses(h: jax.Array, y: jax.Array, table: jax.Array) -> jax.Array:
+        # The cast is inside so that the embedding's gradient adds up over chunks in float32.
+        logits = h @ table.astype(h.dtype).T
+        return cross_entropy(logits, y)
+
+    losses = jax.lax.map(lambda xs: chunk_losses(*xs, embedding), (flat_hidden, flat_labels))
+    return losses.reshape(-1)[:positions].reshape(labels.shape)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, what: str = "data") -> None:

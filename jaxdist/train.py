@@ -14,6 +14,7 @@ SIGTERM/SIGINT are honoured in it up to and including the final evaluation and s
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
         if store is None:
             return
         run.sync(step)
+        started = time.perf_counter()  # the copy to the host, the write and the hashing
         with host_reads():
             host = backend.first_copy(state)
         if not _all_finite(host.params):
@@ -165,6 +167,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             return
         run.checkpoint = store.save(step, host, run.meta(loader_state, eval_values, reason),
                                     replace=True)
+        logger.say(f"saved {run.checkpoint.name} in {time.perf_counter() - started:.2f} s")
         if primary:
             record_saved_step(workdir, step)
         barrier(f"checkpoint-{step}")  # nobody reads or moves on before it is complete

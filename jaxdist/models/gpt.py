@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdist.errors import UserError
+
 
 @dataclass(frozen=True)
 class GPTSize:
@@ -34,6 +36,7 @@ class Block(nn.Module):
     heads: int
     dropout: float
     dtype: Any = jnp.float32
+    attention: str = "xla"  # jax.nn.dot_product_attention's implementation: xla | cudnn
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -43,7 +46,8 @@ class Block(nn.Module):
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="qkv")(
             nn.LayerNorm(dtype=self.dtype, name="ln1")(x))
         q, k, v = jnp.split(qkv.reshape(batch, time, 3 * self.heads, head_dim), 3, axis=2)
-        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                implementation=self.attention)
         attended = nn.Dense(self.width, dtype=self.dtype, name="proj")(
             attended.reshape(batch, time, self.width))
         x = x + nn.Dropout(self.dropout, deterministic=not train)(attended)
@@ -53,25 +57,75 @@ class Block(nn.Module):
         return x + nn.Dropout(self.dropout, deterministic=not train)(out)
 
 
+ATTENTIONS = ("xla", "cudnn")
+REMATS = ("none", "block", "dots")
+
+
+def check_attention(attention: str, dtype: Any, platform: str | None = None) -> None:
+    """Refuse (one line) an attention implementation this platform or dtype cannot run.
+
+    cuDNN's flash attention runs only on NVIDIA GPUs and only on bf16/fp16 inputs.
+    `platform` defaults to that of `jax.devices()[0]` (`cpu`, `gpu`, `tpu`).
+    """
+    if attention not in ATTENTIONS:
+        raise UserError(f"model.attention={attention} is unknown; choose one of: "
+                        f"{', '.join(ATTENTIONS)}")
+    if attention != "cudnn":
+        return
+    platform = platform or jax.devices()[0].platform
+    if platform != "gpu":
+        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU, but the devices are "
+                        f"{platform}; use model.attention=xla here")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise UserError(f"model.attention=cudnn needs bf16 compute, but it is "
+                        f"{jnp.dtype(dtype).name}; add train.precision=bf16 or use "
+                        f"model.attention=xla")
+
+
+def block_class(remat: str) -> type[nn.Module]:
+    """`Block`, or `Block` recomputed in the backward pass for `model.remat`.
+
+    `block` recomputes all of it; `dots` keeps the outputs of the matmuls without batch
+    dimensions (the Dense layers) and recomputes the rest.
+    """
+    if remat == "none":
+        return Block
+    if remat == "block":
+        return nn.remat(Block, static_argnums=(2,))  # counting self: `train` is static
+    if remat == "dots":
+        return nn.remat(Block, static_argnums=(2,),
+                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise UserError(f"model.remat={remat} is unknown; choose one of: {', '.join(REMATS)}")
+
+
 class GPT(nn.Module):
     """Token and position embeddings, blocks, a final LayerNorm, logits via the embedding.
 
     `dtype` is the compute dtype (matmuls, attention, activations); params stay float32 and
-    LayerNorm statistics are computed in float32 by flax.
+    LayerNorm statistics are computed in float32 by flax. `attention` picks
+    `jax.nn.dot_product_attention`'s implementation (`xla` or `cudnn`; see `check_attention`)
+    and `remat` what the backward pass recomputes (`none`, `block` or `dots`; see
+    `block_class`); neither changes the params or the values computed.
     """
 
     vocab_size: int
     size: GPTSize
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens: jax.Array | None, train: bool,
-                 embeddings: jax.Array | None = None) -> jax.Array:
+                 embeddings: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
         """Next-token logits `[batch, time, vocab]` for `tokens` `[batch, time]`.
 
         `embeddings` `[batch, time, width]` replace the token embeddings (e.g. to take
-        gradients with respect to them); `tokens` is then unused.
+        gradients with respect to them); `tokens` is then unused. `return_hidden=True`
+        returns the final hidden states `[batch, time, width]` (after `ln_f`) instead of the
+        logits, whose product with `params["wte"]["embedding"]` transposed gives the logits
+        (e.g. for `jaxdist.losses.chunked_cross_entropy`).
         """
         embed = nn.Embed(self.vocab_size, self.size.width, name="wte", dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02))
@@ -80,7 +134,9 @@ class GPT(nn.Module):
         x = embed(tokens) if embeddings is None else embeddings.astype(embed.dtype)
         x = x + positions[: x.shape[1]].astype(embed.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        block = block_class(self.remat)
         for i in range(self.size.layers):
-            x = Block(self.size.width, self.size.heads, self.dropout, self.dtype,
-                      name=f"block{i}")(x, train)
-        return embed.attend(nn.LayerNorm(dtype=self.dtype, name="ln_f")(x))
+            x = block(self.size.width, self.size.heads, self.dropout, self.dtype,
+                      self.attention, name=f"block{i}")(x, train)
+        hidden = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
+        return hidden if return_hidden else embed.attend(hidden)
