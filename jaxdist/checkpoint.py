@@ -116,10 +116,7 @@ class CheckpointStore:
         A disk that is full or a file-size limit is reported in one line (`UserError`).
         """
         final = self.path(step)
-        score = self._score(meta.get("eval"))
-        best = self._best_known()
-        if score is not None and (best is None or score < best[0]):
-            self._best = (score, step)
+        self.remember(step, meta)
         if (final.exists() and not replace) or not self.writer:
             return final
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -156,6 +153,13 @@ class CheckpointStore:
         _fsync_dir(self.folder)
         self._prune()
         return final
+
+    def remember(self, step: int, meta: dict[str, Any]) -> None:
+        """Count the checkpoint of `step` (about to be saved) in the choice of the best one."""
+        score = self._score(meta.get("eval"))
+        best = self._best_known()
+        if score is not None and (best is None or score < best[0]):
+            self._best = (score, step)
 
     def _write(self, tmp: Path, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """The checkpoint's files, complete with their manifest, in the folder `tmp`."""

@@ -109,6 +109,9 @@ class CheckpointConfig:
     keep: int = 3  # the most recent ones kept, besides the best
     best_metric: str = "loss"  # eval metric that picks the best checkpoint; "" for none
     best_mode: Literal["min", "max"] = "min"
+    # Write checkpoints in a background thread while training goes on (the state is first
+    # copied to host memory, so a save holds one extra copy of it there until written).
+    background: bool = True
 
 
 @dataclass

@@ -45,6 +45,7 @@ class RunState:
                                    t.early_stopping.mode, t.early_stopping.min_delta)
         self.guard = NonfiniteGuard(t.max_nonfinite)
         self.checkpoint: Path | None = None  # the newest checkpoint written or restored
+        self.settle: Callable[[], None] | None = None  # finishes a save in flight
 
     def sync(self, step: int, also: Any = None) -> Any:
         """Bring the window's pending steps to the host and check their non-finite flags.
@@ -54,6 +55,8 @@ class RunState:
         rows, also = self.window.sync(self.backend, also)
         for row in rows:
             if self.guard.update(row[NONFINITE] > 0):
+                if self.settle is not None:
+                    self.settle()
                 raise UserError(self._nonfinite_message(step))
         return also
 

@@ -35,6 +35,7 @@ from jaxdist.metrics import TIMING_KEYS, MetricsLogger, MetricWindow
 from jaxdist.optimizers import learning_rate
 from jaxdist.parallel import Backend
 from jaxdist.preemption import PreemptionWatch
+from jaxdist.saving import CheckpointWriter
 from jaxdist.start import Start, prepare_run, train_step_fn
 from jaxdist.step import TrainState, make_eval_step
 from jaxdist.workdir import record_saved_step
@@ -143,6 +144,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             traced=True)
 
     def log_train() -> None:
+        print_news()
         # The window's metrics and the learning rate come back in one transfer.
         lr = run.sync(step, also=learning_rate(state.opt_state))
         values = run.window.summarize(backend)
@@ -155,22 +157,51 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             logger.log(step, "eval", values)
         return values
 
-    def save(loader_state: dict, eval_values: dict | None, reason: str) -> None:
+    writer = None if store is None else CheckpointWriter(store, config.checkpoint.background)
+    if writer is not None:  # a report of the newest checkpoint waits for the one in flight
+        run.settle = lambda: writer.wait(raise_error=False)
+    saving: list[int] = []  # the step of the save in flight
+    news: list[str] = []  # what the writer finished, printed by the loop
+
+    def committed(saved_step: int, copied: float) -> Callable[[Path, float], None]:
+        def done(path: Path, seconds: float) -> None:  # in the writer's thread, maybe
+            run.checkpoint = path
+            if primary:
+                record_saved_step(workdir, saved_step)
+            where = " in the background" if writer.background else ""
+            news.append(f"saved {path.name}: {copied:.2f} s to copy it to the host, then "
+                        f"{seconds:.2f} s to write it{where}")
+        return done
+
+    def finish_saving() -> None:
+        writer.wait()
+        for saved_step in saving:
+            barrier(f"checkpoint-{saved_step}")  # nobody reads or moves on before it is done
+        saving.clear()
+        print_news()
+
+    def print_news() -> None:
+        while news:
+            logger.say(news.pop(0))
+
+    def save(loader_state: dict, eval_values: dict | None, reason: str,
+             last: bool = False) -> None:
+        """Save a checkpoint of this step; the `last` one of the run is waited for."""
         if store is None:
             return
         run.sync(step)
-        started = time.perf_counter()  # the copy to the host, the write and the hashing
+        started = time.perf_counter()
         with host_reads():
             host = backend.first_copy(state)
         if not _all_finite(host.params):
             logger.say(f"step {step}: no checkpoint saved, the parameters are not finite")
             return
-        run.checkpoint = store.save(step, host, run.meta(loader_state, eval_values, reason),
-                                    replace=True)
-        logger.say(f"saved {run.checkpoint.name} in {time.perf_counter() - started:.2f} s")
-        if primary:
-            record_saved_step(workdir, step)
-        barrier(f"checkpoint-{step}")  # nobody reads or moves on before it is complete
+        finish_saving()
+        writer.save(step, host, run.meta(loader_state, eval_values, reason),
+                    committed(step, time.perf_counter() - started))
+        saving.append(step)
+        if last:
+            finish_saving()
 
     stop_reason, eval_values, in_flight = "completed", None, InFlightLimit()
     single = jax.process_count() == 1
@@ -209,7 +240,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                             any_process(watch.requested)))):
                         stop_reason = "preempted"
                     if stop_reason != "completed":
-                        save(batches.state(), eval_values, stop_reason)
+                        save(batches.state(), eval_values, stop_reason, last=True)
                         break
                     # The last step's checkpoint is the end-of-run one, with the final eval.
                     new_best = eval_values is not None and store is not None and (
@@ -229,11 +260,17 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                 if (stop_reason == "completed" and not single
                         and any_process(watch.requested)):
                     stop_reason = "preempted"
-                save(loader_state, eval_values, stop_reason)
+                save(loader_state, eval_values, stop_reason, last=True)
+        if writer is not None:
+            finish_saving()  # e.g. when the last save was skipped (non-finite parameters)
         if stop_reason == "early_stopped":
             logger.say(f"early stopping at step {step}: eval {run.early.metric} has not "
                        f"improved for {run.early.patience} evaluations (best "
                        f"{run.early.best:.6g} at step {run.early.best_step})")
+    except BaseException:
+        if writer is not None:  # a save in flight is finished, whatever stopped the run
+            writer.wait(raise_error=False)
+        raise
     finally:
         logger.close()
     return TrainResult(state, backend, config, logger.records, loader_state, step, stop_reason,
