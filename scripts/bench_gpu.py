@@ -65,6 +65,10 @@ GPU_VARIANTS = [
      "cudnn attention"),
     ("cudnn, remat dots", ["model.attention=cudnn", "model.remat=dots"], {},
      "cudnn attention"),
+    ("cudnn, saving every 50 steps", ["model.attention=cudnn", "train.checkpoint_every=50"],
+     {}, "cudnn attention"),
+    ("cudnn, batch 32", ["model.attention=cudnn", "train.batch_size=32"], {},
+     "cudnn attention"),
 ]
 SMOKE_VARIANTS = [
     ("xla attention", [], {}, None),
@@ -76,7 +80,9 @@ SMOKE_VARIANTS = [
 STEPS_PER_SEC = re.compile(r"^train step (\d+)/\d+ .*?([0-9.]+) steps/s", re.MULTILINE)
 FIRST_STEP = re.compile(r"first step \(compiling included\) took ([0-9.]+) s"
                         r"(?:; compilation cache \S+: (\d+) program\(s\) reused, (\d+) compiled)?")
-SAVED = re.compile(r"saved step_\d+ in ([0-9.]+) s")
+SAVED = re.compile(r"saved step_\d+: ([0-9.]+) s to copy it to the host, then ([0-9.]+) s to "
+                   r"write it( in the background)?")
+DEFAULT_CHECKPOINT_EVERY = 1000
 
 
 def parse_args() -> argparse.Namespace:
@@ -133,15 +139,23 @@ def model_shape(smoke: bool, batch: int) -> SimpleNamespace:
 def jaxdist_command(shape: SimpleNamespace, smoke: bool, tokens: Path, workdir: Path,
                     steps: int, overrides: list[str], cache: Path) -> list[str]:
     """The CLI call of one variant: the yardstick's optimizer (AdamW, no clipping)."""
+    keys = {"model.size": "tiny" if smoke else "gpt2", "model.vocab_size": shape.vocab,
+            "train.precision": "bf16", "train.batch_size": shape.batch,
+            "train.steps": steps, "train.log_every": max(steps // 6, 1),
+            "train.eval_every": 0, "data.tokens": tokens, "data.held_out": 0.005,
+            "optimizer.name": "adamw", "optimizer.learning_rate": 6e-4,
+            "optimizer.weight_decay": 0.1, "optimizer.schedule": "constant",
+            "optimizer.warmup_steps": 0, "optimizer.clip_norm": 0}
+    keys.update(override.split("=", 1) for override in overrides)
     return [sys.executable, "-m", "jaxdist.run", "gpt_lm",
-            f"model.size={'tiny' if smoke else 'gpt2'}", f"model.vocab_size={shape.vocab}",
-            "train.precision=bf16", f"train.batch_size={shape.batch}",
-            f"train.steps={steps}", f"train.log_every={max(steps // 6, 1)}",
-            "train.eval_every=0", f"data.tokens={tokens}", "data.held_out=0.005",
-            "optimizer.name=adamw", "optimizer.learning_rate=6e-4",
-            "optimizer.weight_decay=0.1", "optimizer.schedule=constant",
-            "optimizer.warmup_steps=0", "optimizer.clip_norm=0",
-            *overrides, "--workdir", str(workdir), "--compilation-cache", str(cache)]
+            *(f"{key}={value}" for key, value in keys.items()),
+            "--workdir", str(workdir), "--compilation-cache", str(cache)]
+
+
+def variant_shape(shape: SimpleNamespace, overrides: list[str]) -> SimpleNamespace:
+    """`shape` with the variant's own batch, if it sets one."""
+    batch = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.batch_size=")]
+    return SimpleNamespace(**{**vars(shape), "batch": batch[-1] if batch else shape.batch})
 
 
 def summarize_run(output: str, shape: SimpleNamespace) -> dict:
@@ -162,7 +176,15 @@ def summarize_run(output: str, shape: SimpleNamespace) -> dict:
                 first[3])
     saved = SAVED.findall(output)
     if saved:
-        figures["checkpoint_s"] = float(saved[-1])
+        copy, write, background = saved[-1]
+        figures.update(checkpoint_copy_s=float(copy), checkpoint_write_s=float(write),
+                       checkpoint_background=bool(background))
+        if "steps_per_s" in figures:
+            # The training time a save costs at the default train.checkpoint_every: the
+            # copy to the host, plus the write unless it overlaps training.
+            blocking = float(copy) + (0.0 if background else float(write))
+            training = DEFAULT_CHECKPOINT_EVERY / figures["steps_per_s"]
+            figures["checkpoint_share"] = blocking / (training + blocking)
     return figures
 
 
@@ -215,8 +237,12 @@ def print_table(report: dict) -> None:
             ratios.append(f"{v['tokens_per_s'] / torch:.3f}x torch")
         if hand:
             ratios.append(f"{v['tokens_per_s'] / hand:.3f}x hand-written")
+        if v.get("batch") != report["batch"]:
+            ratios = [f"(batch {v['batch']}: not comparable)"]
         print(f"  {v['name']:28s} {v['tokens_per_s']:12,.0f} tokens/s  MFU {v['mfu']:.1%}  "
-              f"{'  '.join(ratios)}  first step {v.get('first_step_s', float('nan')):.1f} s")
+              f"{'  '.join(ratios)}  first step {v.get('first_step_s', float('nan')):.1f} s"
+              + (f"  checkpoint {v['checkpoint_share']:.2%} of training"
+                 if "checkpoint_share" in v else ""))
     second = report.get("second_start")
     if second:
         print(f"  second start (resumed): first step {second.get('first_step_s')} s, "
@@ -259,9 +285,10 @@ def main() -> None:
         workdir = work / f"run-{len(report['variants'])}"
         command = jaxdist_command(shape, args.smoke, tokens, workdir, steps, overrides, cache)
         status, output, seconds = run(command, min(budget.left() - 20, 200), env)
+        own = variant_shape(shape, overrides)
         record = {"name": name, "changes": base, "overrides": overrides, "env": env,
-                  "status": status, "seconds": round(seconds, 1),
-                  **summarize_run(output, shape)}
+                  "batch": own.batch, "status": status, "seconds": round(seconds, 1),
+                  **summarize_run(output, own)}
         if status:
             record["tail"] = output[-1500:]
         report["variants"].append(record)
