@@ -111,6 +111,10 @@ def leave_after_failure(status: int, grace_ms: int = 5000) -> None:
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    # The one-line cause is out. What the runtime may log while the peers go (a connection
+    # reset by a peer that left first) must not become the last line a user reads.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     try:
         client = _client()
         client.key_value_set(f"{PREFIX}/leaving/{jax.process_index()}", "1")
