@@ -116,7 +116,8 @@ def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
 def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
                     grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
                     *, has_state: bool = False, grad_accum: int = 1,
-                    skip_with: Literal["cond", "where"] = "cond"
+                    skip_with: Literal["cond", "where"] = "cond",
+                    reduce_across_devices: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
@@ -132,6 +133,11 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
 
     A micro-batch whose total weight over all devices is 0 (all padding) leaves the model
     state (e.g. BatchNorm's running statistics) as it was.
+
+    `reduce_across_devices=False` is for measurement only (`jaxdist.scaling`): every
+    cross-device `psum` becomes the device's own value, so the step does its compute without
+    its communication. Its outputs then differ across devices, which `Backend.compile`
+    refuses: map it with `jax.pmap(..., axis_name="batch")` directly, and never train with it.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
@@ -139,13 +145,16 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         raise ValueError(f"skip_with must be 'cond' or 'where', not {skip_with!r}")
     loss = loss_fn if has_state else stateful(loss_fn)
 
+    def psum(tree):
+        return jax.lax.psum(tree, AXIS) if reduce_across_devices else tree
+
     def weighted_loss_sum(params, model_state, batch, rng):
         losses, aux, new_state = loss(params, model_state, batch, rng)
         sums = _weighted_sums(losses, aux, batch["weight"])
         if has_state:
             require_same_on_every_device(new_state, "model_state")
             # One scalar psum: a batch that is all padding on every device changes nothing.
-            seen = jax.lax.psum(sums[WEIGHT_SUM], AXIS) > 0
+            seen = psum(sums[WEIGHT_SUM]) > 0
             new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
                                      model_state)
         return sums[LOSS_SUM], (sums, new_state)
@@ -183,13 +192,12 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
                                                         batch, rng)
         # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
         # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
-        totals = jax.lax.psum(local, AXIS)
+        totals = psum(local)
         if grad_reduce == "mean":
             grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]),
-                                 jax.lax.psum(grad_sums, AXIS))
+                                 psum(grad_sums))
         else:
-            grads = jax.lax.psum(
-                jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums), AXIS)
+            grads = psum(jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums))
 
         def update(model_state):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
