@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What a collective reports when a peer process vanished under it.
-PEER_LOST = ("Connection reset by peer", "Connection refused", "Socket closed", "Broken pipe",
-             "another task died", "Read error", "Write error")
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Connection refused",
+             "Socket closed", "Broken pipe", "another task died", "Read error", "Write error")
 
 
 def _lost_peer(error: BaseException) -> bool:

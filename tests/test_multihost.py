@@ -226,3 +226,16 @@ def test_the_launcher_is_quiet_and_documents_its_flags(tmp_path):
     for flag in ("--num-processes", "--local-devices", "--port", "--heartbeat-timeout",
                  "--verbose"):
         assert flag in shown.stdout
+
+
+@pytest.mark.parametrize("seen", [
+    # What gloo said when a peer was SIGKILLed during an all-gather (a CI run, 2026-11-27).
+    "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+    "Connection closed by peer [127.0.0.1]:195",
+    "recvmsg:Connection reset by peer",
+])
+def test_a_collective_broken_by_a_dead_peer_is_recognised(seen):
+    from jaxdist.run import _lost_peer
+
+    assert _lost_peer(RuntimeError(seen))
+    assert not _lost_peer(RuntimeError("shapes do not match"))
