@@ -92,7 +92,7 @@ def initialize(settings: DistributedSettings) -> bool:
             require_free_port(int(port), settings.coordinator)
     import jax
 
-    from jaxdist.parallel import devices_ready
+    from jaxdist.devices import devices_ready
 
     if devices_ready():
         raise UserError("JAX has set up its devices already, so this process can no longer "

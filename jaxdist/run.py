@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.cpu_devices is not None:
-        from jaxdist.parallel import use_cpu_devices
+        from jaxdist.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
     if not args.help and not args.list and initialize(DistributedSettings(

@@ -82,7 +82,7 @@ def test_devices_can_no_longer_be_split_or_joined_once_jax_has_set_them_up():
         sys.path.insert(0, {str(ROOT)!r})
         import jax
         from jaxdist.errors import UserError
-        from jaxdist.parallel import use_cpu_devices
+        from jaxdist.devices import use_cpu_devices
         use_cpu_devices(4)
         print(len(jax.devices()))
         use_cpu_devices(4)  # the same: nothing to do

@@ -56,7 +56,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     """Explain as `argv` says; return the paths written."""
     args = build_parser().parse_args(argv)
     if args.cpu_devices is not None:
-        from jaxdist.parallel import use_cpu_devices
+        from jaxdist.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
     method = Method(args.method, steps=args.steps, rule=args.rule, base=args.base,

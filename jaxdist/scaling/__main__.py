@@ -140,7 +140,7 @@ def run(argv: list[str]) -> int:
     fit_counts = (None if args.fit_devices is None
                   else parse_counts(args.fit_devices, "--fit-devices"))
     if args.cpu_devices is not None:
-        from jaxdist.parallel import use_cpu_devices
+        from jaxdist.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
 
