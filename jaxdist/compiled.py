@@ -75,10 +75,12 @@ def lower_train_step(experiment: Experiment, config: Config) -> tuple[Any, Start
     (`.as_text()`, `.memory_analysis()`); `.as_text()` the program before optimization.
     """
     start = prepare_run(experiment, config, None, False, ())
-    backend = start.backend
-    step = backend.compile(train_step_fn(experiment, start), traced=True)
-    return step.lower(backend.replicated_shapes(start.host_state),
-                      backend.batch_shapes(start.loader.peek())), start
+    backend, layout = start.backend, start.layout
+    sharded = layout.sharded_or_none
+    step = backend.compile(train_step_fn(experiment, start), traced=True, sharded=sharded)
+    state = (backend.placed_shapes(layout.split_shapes(start.host_state), sharded)
+             if sharded is not None else backend.replicated_shapes(start.host_state))
+    return step.lower(state, backend.batch_shapes(start.loader.peek())), start
 
 
 _MATMUL = re.compile(r"stablehlo\.(?P<op>dot_general|convolution)\b[^\n]*?:\s*"

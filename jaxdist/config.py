@@ -84,6 +84,9 @@ class ParallelConfig:
 
     backend: Literal["pmap", "shard_map"] = "pmap"
     grad_reduce: Literal["mean", "sum"] = "mean"
+    # ZeRO: what is split over the devices instead of copied on each (jaxdist.sharding):
+    # none; optimizer (its state); gradients (and the reduced gradient); params (all three).
+    shard: Literal["none", "optimizer", "gradients", "params"] = "none"
     # How many local devices to use; 0 (or "all") means every local device.
     devices: int = field(default=0, metadata={ALIASES: {"all": 0}})
 
@@ -291,7 +294,7 @@ def validate(config: Config) -> None:
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_nonfinite", "train.early_stopping.", "checkpoint.", "parallel.backend",
-    "parallel.devices", "loader.prefetch", "train.skip_with",
+    "parallel.devices", "parallel.shard", "loader.prefetch", "train.skip_with",
 )
 
 

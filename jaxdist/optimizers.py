@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxdist.config import Config, OptimizerConfig
@@ -47,18 +48,29 @@ def build_schedule(config: OptimizerConfig) -> optax.Schedule:
     return optax.constant_schedule(peak)
 
 
-def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+def build_optimizer(config: OptimizerConfig,
+                    across: str | None = None) -> optax.GradientTransformation:
     """Return the optax transformation for `config` (its schedule's horizon resolved).
 
     `weight_decay` is decoupled for `adamw` and `lamb` and added to the gradient for the
     others; `clip_norm` clips the global gradient norm before everything else. The learning
     rate of the last applied update is kept in the optimizer state (optax's
     `inject_hyperparams`), where `learning_rate(opt_state)` reads it.
+
+    `across` names the device axis over which the parameters are split into chunks
+    (`parallel.shard`, see `jaxdist.sharding`): the transformation then sees one device's
+    chunks, and the norms it needs (the global gradient norm, LAMB's per-leaf norms) are
+    summed over the chunks of all devices, so they stay those of the whole leaves.
     """
 
     def with_rate(learning_rate):
         if config.name == "adamw":
             return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+        if config.name == "lamb" and across is not None:
+            return optax.chain(optax.scale_by_adam(eps=1e-6),
+                               optax.add_decayed_weights(config.weight_decay),
+                               scale_by_trust_ratio(across),
+                               optax.scale_by_learning_rate(learning_rate))
         if config.name == "lamb":
             return optax.lamb(learning_rate, weight_decay=config.weight_decay)
         base = {
@@ -71,9 +83,54 @@ def build_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         return base
 
     tx = optax.inject_hyperparams(with_rate)(learning_rate=build_schedule(config))
+    if config.clip_norm and across is not None:
+        return optax.chain(clip_by_global_norm(config.clip_norm, across), tx)
     if config.clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
     return tx
+
+
+def _sum_of_squares(tree: Any, across: str) -> jax.Array:
+    """The sum of the squares of every entry of `tree` on all devices of axis `across`."""
+    local = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+    return jax.lax.psum(local, across)
+
+
+def clip_by_global_norm(max_norm: float, across: str) -> optax.GradientTransformation:
+    """Optax's `clip_by_global_norm` for updates split into chunks over the axis `across`.
+
+    The norm is that of the whole gradient (every device's chunks); the clipping is
+    optax's: `u` if the norm is below `max_norm`, else `u / norm * max_norm`.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(_sum_of_squares(updates, across))
+        keep = norm < max_norm
+        return jax.tree.map(lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype))
+                                                     * max_norm), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def scale_by_trust_ratio(across: str) -> optax.GradientTransformation:
+    """Optax's `scale_by_trust_ratio` (LAMB's layer-wise ratio) for leaves split in chunks.
+
+    Each leaf's parameter and update norms are those of the whole leaf, summed over the
+    devices of axis `across`; the ratio is optax's (1 where either norm is 0).
+    """
+
+    def update(updates, state, params):
+        def scaled(u, p):
+            param_norm = jnp.sqrt(_sum_of_squares(p, across))
+            update_norm = jnp.sqrt(_sum_of_squares(u, across))
+            ratio = param_norm / update_norm
+            safe = jnp.where((param_norm == 0.0) | (update_norm == 0.0), 1.0, ratio)
+            return u * safe.astype(u.dtype)
+
+        return jax.tree.map(scaled, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def learning_rate(opt_state: Any) -> jax.Array:

@@ -36,7 +36,7 @@ PyTree = Any
 StepFn = Callable[[PyTree, PyTree], PyTree]
 
 
-def _varying_axes(x: Any) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
     """The mesh axes along which the traced value `x` may differ (empty outside shard_map)."""
     aval = jax.typeof(x)
     vma = getattr(aval, "vma", None)  # jax < 0.10
@@ -56,7 +56,7 @@ def mark_varying(tree: PyTree) -> PyTree:
     cast = getattr(jax.lax, "pcast", None)
 
     def mark(x):
-        if AXIS in _varying_axes(x):
+        if AXIS in varying_axes(x):
             return x
         if cast is not None:
             return cast(x, AXIS, to="varying")
@@ -68,7 +68,7 @@ def mark_varying(tree: PyTree) -> PyTree:
 def require_same_on_every_device(tree: PyTree, name: str) -> None:
     """Refuse (one line) a traced value that may differ across devices, naming its leaves."""
     varying = [jax.tree_util.keystr(path) for path, leaf in
-               jax.tree_util.tree_flatten_with_path(tree)[0] if AXIS in _varying_axes(leaf)]
+               jax.tree_util.tree_flatten_with_path(tree)[0] if AXIS in varying_axes(leaf)]
     if varying:
         listed = ", ".join(f"{name}{path}" for path in varying[:3])
         more = f" and {len(varying) - 3} more" if len(varying) > 3 else ""
@@ -79,19 +79,40 @@ def require_same_on_every_device(tree: PyTree, name: str) -> None:
             f"BatchNorm, jaxdist.models.batchnorm.CrossReplicaBatchNorm)")
 
 
-def _replicated_step(step: StepFn) -> StepFn:
-    """`step`, refusing outputs that may differ across devices (checked while tracing)."""
+def _replicated_step(step: StepFn, sharded: PyTree = None) -> StepFn:
+    """`step`, refusing outputs that may differ across devices (checked while tracing).
+
+    `sharded` (a tree of bools over the state) names the state's leaves that are split
+    over the devices on purpose (`jaxdist.sharding`): those are meant to differ.
+    """
 
     def checked(state, batch):
         outputs = step(state, batch)
         if isinstance(outputs, tuple) and len(outputs) == 2:  # a train step
-            require_same_on_every_device(outputs[0], "state")
+            new_state = outputs[0]
+            if sharded is not None:
+                new_state = jax.tree.map(lambda split, x: None if split else x, sharded,
+                                         new_state)
+            require_same_on_every_device(new_state, "state")
             require_same_on_every_device(outputs[1], "metrics")
         else:
             require_same_on_every_device(outputs, "output")
         return outputs
 
     return checked
+
+
+def state_specs(sharded: PyTree) -> PyTree:
+    """shard_map's specs of a state: `P(batch)` for a split leaf, `P()` for a replicated one."""
+    return jax.tree.map(lambda split: P(AXIS) if split else P(), sharded)
+
+
+def _specs(sharded: PyTree, returns_state: bool) -> tuple[Any, Any]:
+    """in_specs and out_specs of a step over (state, batch)."""
+    if sharded is None:
+        return (P(), P(AXIS)), P()
+    specs = state_specs(sharded)
+    return (specs, P(AXIS)), ((specs, P()) if returns_state else P())
 
 
 def split_leading_axis(x: np.ndarray, parts: int) -> np.ndarray:
@@ -125,8 +146,28 @@ class Backend:
         """Split a host batch (leaves `[B, ...]`) over the devices, `B / devices` rows each."""
         raise NotImplementedError
 
+    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """Put `tree` on the devices: a leaf marked in `sharded` is split, the others copied.
+
+        A split leaf comes as host `[devices, chunk]` over all devices of all processes;
+        device i gets row i (its own chunk). The others are replicated.
+        """
+        raise NotImplementedError
+
+    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """The inverse of `place`: split leaves as numpy `[devices, chunk]`, the others one copy.
+
+        In a multi-process run every process must call it (the rows of other processes'
+        devices come by an all-gather between processes).
+        """
+        raise NotImplementedError
+
     def replicated_shapes(self, tree: PyTree) -> PyTree:
         """What `replicate(tree)` would give, as shapes with shardings (nothing is placed)."""
+        raise NotImplementedError
+
+    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """What `place(tree, sharded)` would give, as shapes with shardings."""
         raise NotImplementedError
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
@@ -134,35 +175,50 @@ class Backend:
         raise NotImplementedError
 
     def compile(self, step: StepFn, donate_state: bool = True,
-                traced: bool = False) -> StepFn:
+                traced: bool = False, sharded: PyTree = None) -> StepFn:
         """Map a per-device `step(state, batch) -> outputs` over the devices.
 
         `state` is replicated, `batch` is split, and every output must be replicated (the
         result of a `psum`/`pmean` or computed from replicated values only; one that is
         not is refused). With `donate_state`, the state's buffers are reused for the
         outputs. `traced` says `trace` already checked this step (pmap then skips its own
-        check).
+        check). `sharded` (a tree of bools over the state) marks the state's leaves that
+        are split over the devices (as `place` puts them); a train step (`donate_state`)
+        returns its new state in the same layout.
         """
         raise NotImplementedError
 
-    def trace(self, step: StepFn, state: PyTree, batch: PyTree) -> PyTree:
+    def trace(self, step: StepFn, state: PyTree, batch: PyTree,
+              sharded: PyTree = None, returns_state: bool = True) -> PyTree:
         """The shapes of `step`'s outputs on these devices, traced without computing.
 
-        `state` is one host copy of the state and `batch` this process's host batch. The
-        errors a step raises while tracing (an output that differs across devices, a loss
-        of the wrong shape) come here, before anything runs.
+        `state` is one host copy of the state (a split leaf, marked in `sharded`, given as
+        `[devices, chunk]`) and `batch` this process's host batch. The errors a step
+        raises while tracing (an output that differs across devices, a loss of the wrong
+        shape) come here, before anything runs. `returns_state`: `step` is a train step,
+        returning `(state, metrics)` (only needed with `sharded`).
         """
         processes = len(self.global_devices) // self.num_devices
         state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        if sharded is not None:
+            state_shapes = jax.tree.map(
+                lambda split, x: jax.ShapeDtypeStruct((x.shape[0] * x.shape[1],), x.dtype)
+                if split else x, sharded, state_shapes)
         batch_shapes = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((x.shape[0] * processes, *x.shape[1:]), x.dtype),
             batch)
-        return self._trace_global(step, state_shapes, batch_shapes)
+        return self._trace_global(step, state_shapes, batch_shapes, sharded, returns_state)
 
-    def _trace_global(self, step: StepFn, state: PyTree, batch: PyTree) -> PyTree:
-        mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
-                               in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
+    def _trace_global(self, step: StepFn, state: PyTree, batch: PyTree,
+                      sharded: PyTree = None, returns_state: bool = True) -> PyTree:
+        in_specs, out_specs = _specs(sharded, returns_state)
+        mapped = jax.shard_map(_replicated_step(step, sharded), mesh=self.mesh,
+                               in_specs=in_specs, out_specs=out_specs, check_vma=True)
         return jax.eval_shape(mapped, state, batch)
+
+    def _local_positions(self) -> list[int]:
+        """The positions of this process's devices on the global `batch` axis."""
+        return [self.global_devices.index(d) for d in self.devices]
 
     def compile_per_example(self, fn: StepFn) -> StepFn:
         """Map `fn(replicated, batch) -> outputs` whose outputs have a row per example.
@@ -232,11 +288,41 @@ class PmapBackend(Backend):
 
         return jax.tree.map(put, tree)
 
+    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A leading device axis: copies of a replicated leaf, this process's rows of a split."""
+        n, sharding, rows = self.num_devices, self._sharding(), self._local_positions()
+
+        def put(split, x):
+            x = np.asarray(x)
+            return jax.device_put(x[rows] if split else np.broadcast_to(x, (n, *x.shape)),
+                                  sharding)
+
+        return jax.tree.map(put, sharded, tree)
+
+    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """Every device's row of a split leaf (all processes'), the first copy of the others."""
+
+        def get(split, x):
+            if not split:
+                return np.asarray(x.addressable_shards[0].data)[0]
+            local = np.stack([np.asarray(s.data)[0] for s in
+                              sorted(x.addressable_shards, key=lambda s: s.index[0].start)])
+            return _all_rows(local, self._local_positions())
+
+        return jax.tree.map(get, sharded, tree)
+
     def replicated_shapes(self, tree: PyTree) -> PyTree:
         """A leading device axis, split over the devices."""
         n, sharding = self.num_devices, self._sharding()
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *np.shape(x)), _dtype(x),
                                                            sharding=sharding), tree)
+
+    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A leading device axis: this process's rows of a split leaf, copies of the others."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
+            (n, *np.shape(x)[1:]) if split else (n, *np.shape(x)), _dtype(x),
+            sharding=sharding), sharded, tree)
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
         """`[devices, B / devices, ...]`, split over the devices."""
@@ -253,12 +339,12 @@ class PmapBackend(Backend):
             lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
 
     def compile(self, step: StepFn, donate_state: bool = True,
-                traced: bool = False) -> StepFn:
+                traced: bool = False, sharded: PyTree = None) -> StepFn:
         """`jax.pmap` with axis name `batch`, donating the state buffers.
 
         Before the first call (unless `traced`), the step is traced once under shard_map on
         the same devices (no compute), which refuses an output that may differ across
-        devices.
+        devices. A split leaf needs nothing else: under pmap, each device's row is its own.
         """
         mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
                           donate_argnums=(0,) if donate_state else ())
@@ -270,7 +356,8 @@ class PmapBackend(Backend):
             nonlocal first_call
             if first_call:
                 processes = len(self.global_devices) // self.num_devices
-                self._trace_global(step, *_per_device_shapes(state, batch, processes))
+                self._trace_global(step, *_per_device_shapes(state, batch, processes,
+                                                             sharded), sharded, donate_state)
                 first_call = False
             return mapped(state, batch)
 
@@ -318,11 +405,50 @@ class ShardMapBackend(Backend):
 
         return jax.tree.map(put, tree)
 
+    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf `[devices, chunk]` as a global `[devices * chunk]` split along `batch`."""
+        split_sharding = NamedSharding(self.mesh, P(AXIS))
+        replicated = self.replicate(jax.tree.map(lambda split, x: None if split else x,
+                                                 sharded, tree))
+
+        def put(split, x, copy):
+            if not split:
+                return copy
+            flat = np.asarray(x).reshape(-1)
+            return jax.make_array_from_callback(flat.shape, split_sharding,
+                                                lambda index: flat[index])
+
+        return jax.tree.map(put, sharded, tree, replicated, is_leaf=lambda x: x is None)
+
+    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf read back as `[devices, chunk]` (from every process), others one copy."""
+        devices = len(self.global_devices)
+
+        def get(split, x):
+            if not split:
+                return np.asarray(x.addressable_shards[0].data)
+            if x.is_fully_addressable:
+                return np.asarray(x).reshape(devices, -1)
+            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+            local = np.stack([np.asarray(s.data) for s in shards])
+            positions = [s.index[0].start // local.shape[1] for s in shards]
+            return _all_rows(local, positions)
+
+        return jax.tree.map(get, sharded, tree)
+
     def replicated_shapes(self, tree: PyTree) -> PyTree:
         """The leaves' own shapes, replicated over the mesh."""
         sharding = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x),
                                                            sharding=sharding), tree)
+
+    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf `[devices, chunk]` as `[devices * chunk]` along `batch`; others whole."""
+        split_sharding = NamedSharding(self.mesh, P(AXIS))
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
+            (int(np.prod(np.shape(x))),), _dtype(x), sharding=split_sharding) if split else
+            jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=replicated), sharded, tree)
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
         """The global batch (every process's slice), split along its first axis."""
@@ -347,13 +473,15 @@ class ShardMapBackend(Backend):
         return jax.tree.map(put, batch)
 
     def compile(self, step: StepFn, donate_state: bool = True,
-                traced: bool = False) -> StepFn:
+                traced: bool = False, sharded: PyTree = None) -> StepFn:
         """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch.
 
         Replication is checked while compiling (`check_vma=True`); `traced` changes nothing.
+        A split leaf of the state (`sharded`) is `P(batch)` in and out.
         """
-        mapped = jax.shard_map(_replicated_step(step), mesh=self.mesh,
-                               in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True)
+        in_specs, out_specs = _specs(sharded, donate_state)
+        mapped = jax.shard_map(_replicated_step(step, sharded), mesh=self.mesh,
+                               in_specs=in_specs, out_specs=out_specs, check_vma=True)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
     def compile_per_example(self, fn: StepFn) -> StepFn:
@@ -389,8 +517,13 @@ def _concatenate(arrays: list[jax.Array]) -> jax.Array:
     return jax.numpy.concatenate([a.reshape(-1) for a in arrays])
 
 
-def _per_device_shapes(state: PyTree, batch: PyTree, processes: int) -> tuple[PyTree, PyTree]:
-    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch."""
+def _per_device_shapes(state: PyTree, batch: PyTree, processes: int,
+                       sharded: PyTree = None) -> tuple[PyTree, PyTree]:
+    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch.
+
+    A split leaf of the state (`sharded`), rows `[local devices, chunk]`, is seen whole:
+    `[devices * chunk]`.
+    """
     def one_copy(x):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
 
@@ -398,7 +531,29 @@ def _per_device_shapes(state: PyTree, batch: PyTree, processes: int) -> tuple[Py
         return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
                                     x.dtype)
 
-    return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
+    if sharded is None:
+        return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
+    return (jax.tree.map(lambda split, x: whole(x) if split else one_copy(x), sharded, state),
+            jax.tree.map(whole, batch))
+
+
+def _all_rows(local: np.ndarray, positions: list[int]) -> np.ndarray:
+    """Every process's rows `[devices, ...]` of a split leaf, from this process's `local`.
+
+    `positions` are the global rows of `local`'s rows. With one process that is all of
+    them; otherwise the processes exchange their rows (every process must call this).
+    """
+    if jax.process_count() == 1:
+        out = np.empty_like(local)
+        out[positions] = local
+        return out
+    from jax.experimental import multihost_utils
+
+    rows = np.asarray(multihost_utils.process_allgather(local))
+    where = np.asarray(multihost_utils.process_allgather(np.asarray(positions)))
+    out = np.empty((rows.shape[0] * rows.shape[1], *rows.shape[2:]), rows.dtype)
+    out[where.reshape(-1)] = rows.reshape(-1, *rows.shape[2:])
+    return out
 
 
 BACKENDS: dict[str, type[Backend]] = {"pmap": PmapBackend, "shard_map": ShardMapBackend}

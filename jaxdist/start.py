@@ -26,7 +26,8 @@ from jaxdist.experiment import Experiment
 from jaxdist.identity import data_fingerprint, identity_differences
 from jaxdist.metrics import MetricWindow
 from jaxdist.optimizers import build_optimizer, fix_schedule_horizon
-from jaxdist.parallel import Backend, make_backend
+from jaxdist.parallel import AXIS, Backend, make_backend
+from jaxdist.sharding import StateLayout, check_shard
 from jaxdist.step import NONFINITE, WEIGHT_SUM, TrainState, make_eval_step, make_train_step
 from jaxdist.stopping import EarlyStopping, NonfiniteGuard
 from jaxdist.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
@@ -123,7 +124,8 @@ class Start:
     loader: Loader
     tx: Any
     run: RunState
-    host_state: TrainState  # fresh, or restored from the checkpoint
+    host_state: TrainState  # fresh, or restored from the checkpoint (logical: whole leaves)
+    layout: StateLayout  # how the state is split over the devices (parallel.shard)
     step: int = 0
     resumed_meta: dict[str, Any] | None = None
     workdir: Path | None = None
@@ -149,6 +151,8 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         raise UserError("train.early_stopping.patience needs evaluation data, and this "
                         "experiment has none; set train.early_stopping.patience=0")
     backend = make_backend(config.parallel.backend, config.parallel.devices)
+    check_shard(config.parallel.shard)
+    splits = config.parallel.shard != "none" and len(backend.global_devices) > 1
     loader = training_loader(experiment.train_data, config, backend.num_devices,
                              experiment.train_transform)
     if experiment.eval_data is not None:
@@ -174,11 +178,12 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
                                     c.best_mode, writer=is_primary())
             saved = _saved_run(store, workdir)
         config = fix_schedule_horizon(config, saved and saved.config)
-        tx = build_optimizer(config.optimizer)
+        tx = build_optimizer(config.optimizer, across=AXIS if splits else None)
         run = RunState(config, backend, loader, identity)
         host_state = initial_state(experiment, config, tx)
-        start = Start(config, backend, loader, tx, run, host_state, workdir=workdir,
-                       store=store, lock=lock)
+        layout = StateLayout(config.parallel.shard, host_state, tx, backend)
+        start = Start(config, backend, loader, tx, run, host_state, layout, workdir=workdir,
+                      store=store, lock=lock)
         _check_steps(experiment, start)
         if saved is not None:
             _check_saved(start, saved, allow_changes)
@@ -193,15 +198,16 @@ def _check_steps(experiment: Experiment, start: Start) -> None:
     """Trace the train and eval steps without computing, and check the eval metric names."""
     config, backend = start.config, start.backend
     batch = start.loader.peek()
-    start.backend.trace(train_step_fn(experiment, start), start.host_state, batch)
+    layout = start.layout
+    state, sharded = layout.split_shapes(start.host_state), layout.sharded_or_none
+    start.backend.trace(train_step_fn(experiment, start), state, batch, sharded)
     if experiment.eval_data is None:
         return
     first = next(eval_batches(experiment.eval_data, config.train.batch_size,
                               backend.num_devices, process_index=jax.process_index(),
                               process_count=jax.process_count()))
-    sums = backend.trace(make_eval_step(experiment.evaluation_fn(),
-                                        has_state=experiment.has_state),
-                         start.host_state, first)
+    sums = backend.trace(eval_step_fn(experiment, start), state, first, sharded,
+                         returns_state=False)
     names = [name for name in sums if name != WEIGHT_SUM]
     for key, metric in (("train.early_stopping.metric", config.train.early_stopping.metric),
                         ("checkpoint.best_metric", config.checkpoint.best_metric)):
@@ -225,7 +231,14 @@ def train_step_fn(experiment: Experiment, start: Start) -> Callable:
     c = start.config
     return make_train_step(experiment.loss_fn, start.tx, c.parallel.grad_reduce,
                            c.train.skip_nonfinite, has_state=experiment.has_state,
-                           grad_accum=c.train.grad_accum, skip_with=c.train.skip_with)
+                           grad_accum=c.train.grad_accum, skip_with=c.train.skip_with,
+                           layout=start.layout)
+
+
+def eval_step_fn(experiment: Experiment, start: Start) -> Callable:
+    """The per-device evaluation step of this run."""
+    return make_eval_step(experiment.evaluation_fn(), has_state=experiment.has_state,
+                          layout=start.layout)
 
 
 def _saved_run(store: CheckpointStore, workdir: Path) -> SavedRun | None:

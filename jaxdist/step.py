@@ -25,7 +25,7 @@ Gradient reduction (`grad_reduce`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,9 @@ import optax
 
 from jaxdist.errors import UserError
 from jaxdist.parallel import AXIS, mark_varying, require_same_on_every_device
+
+if TYPE_CHECKING:
+    from jaxdist.sharding import StateLayout
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -117,7 +120,7 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
                     grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
                     *, has_state: bool = False, grad_accum: int = 1,
                     skip_with: Literal["cond", "where"] = "cond",
-                    reduce_across_devices: bool = True
+                    reduce_across_devices: bool = True, layout: StateLayout | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
@@ -138,17 +141,30 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     cross-device `psum` becomes the device's own value, so the step does its compute without
     its communication. Its outputs then differ across devices, which `Backend.compile`
     refuses: map it with `jax.pmap(..., axis_name="batch")` directly, and never train with it.
+
+    `layout` (a `jaxdist.sharding.StateLayout`) splits the state over the devices as its
+    `parallel.shard` says: the gradients are reduce-scattered, each device updates its
+    chunk of the parameters with its chunk of the optimizer state (`tx` must then sum its
+    global quantities over the devices: `build_optimizer(..., across=AXIS)`), and the
+    parameters are all-gathered again (or, for `params`, gathered inside the loss).
+    Compile the step with the layout's `sharded` tree.
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
     if skip_with not in ("cond", "where"):
         raise ValueError(f"skip_with must be 'cond' or 'where', not {skip_with!r}")
+    shard = layout.shard if layout is not None else "none"
+    split = shard != "none"
+    if split and not reduce_across_devices:
+        raise ValueError("reduce_across_devices=False measures the unsplit step only")
     loss = loss_fn if has_state else stateful(loss_fn)
+    if shard == "params":
+        loss = layout.gathering_loss(loss)  # the gradient comes back reduce-scattered
 
     def psum(tree):
         return jax.lax.psum(tree, AXIS) if reduce_across_devices else tree
 
-    def weighted_loss_sum(params, model_state, batch, rng):
+    def weighted_loss_sum(params, model_state, batch, rng, scale=None):
         losses, aux, new_state = loss(params, model_state, batch, rng)
         sums = _weighted_sums(losses, aux, batch["weight"])
         if has_state:
@@ -157,53 +173,90 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
             seen = psum(sums[WEIGHT_SUM]) > 0
             new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
                                      model_state)
-        return sums[LOSS_SUM], (sums, new_state)
+        total = sums[LOSS_SUM] if scale is None else sums[LOSS_SUM] * scale
+        return total, (sums, new_state)
 
     grad_fn = jax.grad(weighted_loss_sum, has_aux=True)
+    # With `params`, every micro-batch's gradient comes reduce-scattered from the gather's
+    # transpose; with `gradients`, it is reduce-scattered at once; otherwise each device
+    # accumulates its own whole gradient and it is reduced once, after the last.
+    scatter_each = shard == "gradients" and grad_accum > 1
+    reduced_inside = shard == "params" or scatter_each
 
-    def local_gradients(params, model_state, batch, rng):
+    def micro_gradients(params, model_state, batch, rng, scale):
+        grads, aux = grad_fn(params, model_state, batch, rng, scale)
+        return (layout.scatter_sum(grads) if scatter_each else grads), aux
+
+    def local_gradients(params, model_state, batch, rng, scale):
         """Gradient of this device's weighted loss sum, its metric sums, the model state."""
         # Marked as differing across devices, the params' gradient is this device's own;
         # the step's psum is then the one reduction, under shard_map as under pmap.
         params = mark_varying(params)
         if grad_accum == 1:
-            grads, (sums, model_state) = grad_fn(params, model_state, batch, rng)
+            grads, (sums, model_state) = micro_gradients(params, model_state, batch, rng,
+                                                         scale)
             return grads, sums, model_state
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def accumulate(carry, inputs):
             grads, sums, model_state = carry
             index, micro_batch = inputs
-            g, (s, model_state) = grad_fn(params, model_state, micro_batch,
-                                          jax.random.fold_in(rng, index))
+            g, (s, model_state) = micro_gradients(params, model_state, micro_batch,
+                                                  jax.random.fold_in(rng, index), scale)
             return (mark_varying(jax.tree.map(jnp.add, grads, g)),
                     mark_varying(jax.tree.map(jnp.add, sums, s)), model_state), None
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            grad_fn, params, model_state, jax.tree.map(lambda x: x[0], micro), rng))
+            micro_gradients, params, model_state, jax.tree.map(lambda x: x[0], micro), rng,
+            scale))
         carry = (mark_varying(zeros[0]), mark_varying(zeros[1][0]), model_state)
         (grads, sums, model_state), _ = jax.lax.scan(
             accumulate, carry, (jnp.arange(grad_accum), micro))
         return grads, sums, model_state
 
+    def reduced_gradients(params, model_state, batch, rng):
+        """The gradient (whole, or this device's chunk of it), the metric sums, model state."""
+        if not split:
+            grad_sums, local, model_state = local_gradients(params, model_state, batch, rng,
+                                                            None)
+            # Two separate psums: one all-reduce mixing the gradients with the scalar
+            # metrics measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
+            totals = psum(local)
+            if grad_reduce == "mean":
+                grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]),
+                                     psum(grad_sums))
+            else:
+                grads = psum(jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]),
+                                          grad_sums))
+            return grads, totals, model_state
+        # Under `sum`, each device's gradient is of its own mean loss: scaling the
+        # differentiated loss by 1 / (its weight) makes the reduction the plain sum.
+        scale = None if grad_reduce == "mean" else 1.0 / _nonzero(
+            jnp.sum(batch["weight"].astype(jnp.float32)))
+        grads, local, model_state = local_gradients(params, model_state, batch, rng, scale)
+        totals = psum(local)
+        if not reduced_inside:
+            grads = layout.scatter_sum(grads)
+        if grad_reduce == "mean":
+            grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]), grads)
+        return grads, totals, model_state
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = device_rng(state.rng, state.step)
-        grad_sums, local, model_state = local_gradients(state.params, state.model_state,
-                                                        batch, rng)
-        # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
-        # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
-        totals = psum(local)
-        if grad_reduce == "mean":
-            grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]),
-                                 psum(grad_sums))
-        else:
-            grads = psum(jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grad_sums))
+        grads, totals, model_state = reduced_gradients(state.params, state.model_state,
+                                                       batch, rng)
+        own = layout.own_params(state.params) if shard in ("optimizer", "gradients") else (
+            state.params)
 
         def update(model_state):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, model_state
+            updates, opt_state = tx.update(grads, state.opt_state, own)
+            if not split:
+                return optax.apply_updates(own, updates), opt_state, model_state
+            chunks = optax.apply_updates(own, layout.mask_padding(updates))
+            params = chunks if shard == "params" else layout.gather_params(chunks)
+            return params, opt_state, model_state
 
-        finite = _all_finite((totals[LOSS_SUM], grads))
+        finite = _all_finite((totals[LOSS_SUM], grads), across_devices=split)
         kept = (state.params, state.opt_state, state.model_state)
         if skip_nonfinite and skip_with == "cond":
             # The finite path costs no extra pass over the params and optimizer state.
@@ -224,24 +277,31 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     return train_step
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
+def _all_finite(tree: PyTree, across_devices: bool = False) -> jax.Array:
     # A NaN or inf anywhere makes the sum non-finite (inf - inf is NaN): one reduction pass.
+    # `across_devices`: the tree is each device's chunk; the verdict is on all of them.
     total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
+    if across_devices:
+        total = jax.lax.psum(total, AXIS)
     return jnp.isfinite(total)
 
 
-def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False
+def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
+                   layout: StateLayout | None = None
                    ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Build the per-device step `(state, batch) -> summed_metrics`.
 
     `eval_fn(params, batch) -> (losses, aux)` (or `eval_fn(params, model_state, batch)` with
     `has_state`) is deterministic (no dropout). Padding rows weigh 0, so summing over an
-    epoch of padded batches counts every example exactly once.
+    epoch of padded batches counts every example exactly once. With a `layout` that splits
+    the parameters, they are gathered first.
     """
     evaluate = eval_fn if has_state else stateful_eval(eval_fn)
+    gather = layout is not None and layout.shard == "params"
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        losses, aux = evaluate(state.params, state.model_state, batch)
+        params = layout.gathered(state.params) if gather else state.params
+        losses, aux = evaluate(params, state.model_state, batch)
         return jax.lax.psum(_weighted_sums(losses, aux, batch["weight"]), AXIS)
 
     return eval_step

@@ -36,8 +36,9 @@ from jaxdist.optimizers import learning_rate
 from jaxdist.parallel import Backend
 from jaxdist.preemption import PreemptionWatch
 from jaxdist.saving import CheckpointWriter
-from jaxdist.start import Start, prepare_run, train_step_fn
-from jaxdist.step import TrainState, make_eval_step
+from jaxdist.sharding import StateLayout
+from jaxdist.start import Start, eval_step_fn, prepare_run, train_step_fn
+from jaxdist.step import TrainState
 from jaxdist.workdir import record_saved_step
 
 PyTree = Any
@@ -47,7 +48,7 @@ PyTree = Any
 class TrainResult:
     """What a run leaves: its state on the devices, its logged points, why it stopped."""
 
-    state: TrainState  # replicated on the backend's devices
+    state: TrainState  # on the backend's devices, split as `layout` says
     backend: Backend
     config: Config  # as run: the schedule's horizon resolved
     records: list[dict[str, Any]]
@@ -57,10 +58,13 @@ class TrainResult:
     stop_reason: str
     signal_name: str | None = None
     checkpoint: Path | None = None  # the last checkpoint written or restored
+    layout: StateLayout | None = None  # None: replicated
 
     @property
     def params(self) -> PyTree:
-        """One copy of the final parameters, as numpy."""
+        """One copy of the final parameters (whole leaves), as numpy."""
+        if self.layout is not None:
+            return self.layout.params_to_host(self.backend, self.state.params)
         return self.backend.first_copy(self.state.params)
 
     def last(self, split: str) -> dict[str, Any]:
@@ -123,7 +127,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
         if primary:
             write_text_atomically(workdir / "config.json", to_json(
                 config, experiment.source or experiment.name) + "\n")
-    state = backend.replicate(start.host_state)
+    layout = start.layout
+    state = layout.to_devices(backend, start.host_state)
     has_eval = experiment.eval_data is not None
     finished = meta is not None and step >= t.steps and meta["stop_reason"] in (
         "completed", "early_stopped") and (meta["eval"] is not None or not has_eval)
@@ -133,15 +138,16 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             logger.log(step, "eval", meta["eval"])  # its line was lost with a crash
         logger.close()
         return TrainResult(state, backend, config, logger.records, run.loader.state(), step,
-                           "already_complete", checkpoint=run.checkpoint)
+                           "already_complete", checkpoint=run.checkpoint, layout=layout)
 
     # Both steps were traced, and so checked, before the first step (`prepare_run`).
-    train_step = backend.compile(train_step_fn(experiment, start), traced=True)
+    sharded = layout.sharded_or_none
+    train_step = backend.compile(train_step_fn(experiment, start), traced=True,
+                                 sharded=sharded)
     eval_step = None
     if has_eval:
-        eval_step = backend.compile(make_eval_step(
-            experiment.evaluation_fn(), has_state=experiment.has_state), donate_state=False,
-            traced=True)
+        eval_step = backend.compile(eval_step_fn(experiment, start), donate_state=False,
+                                    traced=True, sharded=sharded)
 
     def log_train() -> None:
         print_news()
@@ -192,7 +198,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
         run.sync(step)
         started = time.perf_counter()
         with host_reads():
-            host = backend.first_copy(state)
+            host = layout.to_host(backend, state)
         if not _all_finite(host.params):
             logger.say(f"step {step}: no checkpoint saved, the parameters are not finite")
             return
@@ -274,7 +280,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     finally:
         logger.close()
     return TrainResult(state, backend, config, logger.records, loader_state, step, stop_reason,
-                       signal_name=watch.signal_name, checkpoint=run.checkpoint)
+                       signal_name=watch.signal_name, checkpoint=run.checkpoint,
+                       layout=layout)
 
 
 def _all_finite(tree: PyTree) -> bool:

@@ -1,0 +1,262 @@
+"""ZeRO: the training state split over the devices instead of copied on each (`parallel.shard`).
+
+Plain data parallelism keeps a whole copy of the parameters, the gradients and the optimizer
+state on every device. `parallel.shard` keeps the data-parallel algorithm and splits that
+state over the same devices (ZeRO stages 1-3, as in DeepSpeed; FSDP in PyTorch):
+
+- `none`: everything replicated; gradients are all-reduced.
+- `optimizer`: the gradients are reduce-scattered (`psum_scatter`) instead of all-reduced;
+  each device updates its 1/n of the parameters with its 1/n of the optimizer state, and
+  the new parameters are all-gathered.
+- `gradients`: as `optimizer`, and with `train.grad_accum > 1` every micro-batch's gradient
+  is reduce-scattered at once, so the accumulated gradient is held as 1/n too (with
+  `optimizer` each device accumulates its own whole gradient and scatters it once). No
+  device ever holds the whole reduced gradient in either.
+- `params`: the parameters too are stored split. The step gathers them where the loss uses
+  them; the gathered copies are not kept for the backward pass, which gathers again, so
+  the memory the compiler plans can hold one layer's weights at a time, not the model's.
+  The gradient of a gather is a reduce-scatter, so the gradients arrive split.
+
+Every leaf is cut the same way: flattened, padded with zeros to a multiple of n, and cut
+into n equal chunks; device i holds chunk i. The padding stays zero (updates are masked
+there) and is cut off whenever a leaf is put back together. An optimizer's global
+quantities (clipping's global norm, LAMB's per-leaf trust ratios) are summed over the
+chunks of all devices (`jaxdist.optimizers.build_optimizer(..., across=AXIS)`).
+
+On the host, state is always in its logical form (whole leaves, their own shapes): the
+checkpoints are the same whatever `parallel.shard` and device count saved them, so a run
+may resume with another `parallel.shard` or on another number of devices. `StateLayout`
+converts between the logical form and the split one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.errors import UserError
+from jaxdist.parallel import AXIS, Backend, varying_axes
+
+PyTree = Any
+SHARDS = ("none", "optimizer", "gradients", "params")
+GATHERED = "jaxdist_gathered_params"  # the name the backward pass recomputes (jax.checkpoint)
+
+
+def check_shard(shard: str) -> None:
+    """Refuse (one line) an unknown `parallel.shard`."""
+    if shard not in SHARDS:
+        raise UserError(f"parallel.shard={shard} is unknown; choose one of: {', '.join(SHARDS)}")
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """How one leaf is cut: its logical shape, its size, and the length of each chunk."""
+
+    shape: tuple[int, ...]
+    size: int
+    chunk: int
+    devices: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], devices: int) -> Chunks:
+        """The cut of a leaf of `shape` over `devices` devices (at least 1 element each)."""
+        size = math.prod(shape)
+        return cls(tuple(shape), size, max(1, -(-size // devices)), devices)
+
+    def padded(self, x: jax.Array) -> jax.Array:
+        """`x` flattened and padded with zeros to `devices * chunk` (inside a step)."""
+        flat = x.reshape(-1)
+        missing = self.devices * self.chunk - self.size
+        return jnp.pad(flat, (0, missing)) if missing else flat
+
+    def own(self, x: jax.Array) -> jax.Array:
+        """The chunk of a whole (replicated) leaf `x` that this device holds (inside a step)."""
+        start = jax.lax.axis_index(AXIS) * self.chunk
+        return jax.lax.dynamic_slice_in_dim(self.padded(x), start, self.chunk)
+
+    def scatter_sum(self, x: jax.Array) -> jax.Array:
+        """The chunk this device holds of the sum over devices of `x` (a reduce-scatter)."""
+        return jax.lax.psum_scatter(self.padded(x), AXIS, scatter_dimension=0, tiled=True)
+
+    def gather(self, chunk: jax.Array) -> jax.Array:
+        """The whole leaf from every device's chunk (an all-gather), padding cut off.
+
+        Typed as differing across devices, as the chunks do: differentiating through it
+        reduce-scatters the gradient.
+        """
+        whole = jax.lax.all_gather(chunk, AXIS, tiled=True)
+        return whole[:self.size].reshape(self.shape)
+
+    def gather_replicated(self, chunk: jax.Array) -> jax.Array:
+        """`gather`, typed as the same on every device (for state that is replicated)."""
+        return _all_gather_invariant(chunk)[:self.size].reshape(self.shape)
+
+    def real(self) -> jax.Array:
+        """True where this device's chunk holds the leaf, False on its padding."""
+        start = jax.lax.axis_index(AXIS) * self.chunk
+        return start + jnp.arange(self.chunk) < self.size
+
+    def split_host(self, x: np.ndarray) -> np.ndarray:
+        """A whole host leaf as `[devices, chunk]`, zero-padded."""
+        flat = np.zeros(self.devices * self.chunk, np.asarray(x).dtype)
+        flat[:self.size] = np.asarray(x).reshape(-1)
+        return flat.reshape(self.devices, self.chunk)
+
+    def join_host(self, x: np.ndarray) -> np.ndarray:
+        """A host leaf `[devices, chunk]` back in its logical shape."""
+        return np.asarray(x).reshape(-1)[:self.size].reshape(self.shape)
+
+
+class StateLayout:
+    """Which leaves of a run's `TrainState` are split over the devices, and how.
+
+    Built from the run's logical host state (whole leaves), the optimizer and the device
+    count. `sharded` is a tree of the state's structure: True for a split leaf. With one
+    device, or `parallel.shard=none`, nothing is split.
+    """
+
+    def __init__(self, shard: str, state: PyTree, tx: Any, backend: Backend):
+        check_shard(shard)
+        self.devices = len(backend.global_devices)
+        self.shard = shard if self.devices > 1 else "none"
+        self.param_chunks = jax.tree.map(lambda x: Chunks.of(np.shape(x), self.devices),
+                                         state.params)
+        split_opt = self.shard != "none"
+        opt_split = _follows_params(tx, state.params, backend) if split_opt else (
+            jax.tree.map(lambda _: False, state.opt_state))
+        self.sharded = type(state)(
+            step=False, params=jax.tree.map(lambda _: self.shard == "params", state.params),
+            opt_state=opt_split, rng=False,
+            model_state=jax.tree.map(lambda _: False, state.model_state))
+        # A leaf's cut, or False for a replicated leaf.
+        self._chunks = jax.tree.map(
+            lambda split, x: Chunks.of(np.shape(x), self.devices) if split else False,
+            self.sharded, state)
+
+    @property
+    def splits_anything(self) -> bool:
+        """Whether any leaf is split (False for `none` and for one device)."""
+        return self.shard != "none"
+
+    @property
+    def sharded_or_none(self) -> PyTree:
+        """`sharded` where something is split, else None (the backends' replicated path)."""
+        return self.sharded if self.splits_anything else None
+
+    def split_shapes(self, state: PyTree) -> PyTree:
+        """The shapes of `state` as `to_devices` gets it: `[devices, chunk]` where split."""
+        return jax.tree.map(
+            lambda c, x: jax.ShapeDtypeStruct((self.devices, c.chunk), np.asarray(x).dtype)
+            if c else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+            self._chunks, state)
+
+    def to_devices(self, backend: Backend, state: PyTree) -> PyTree:
+        """Place a logical host state on the devices, split where the layout says."""
+        if not self.splits_anything:
+            return backend.replicate(state)
+        host = jax.tree.map(lambda c, x: c.split_host(x) if c else x, self._chunks, state)
+        return backend.place(host, self.sharded)
+
+    def to_host(self, backend: Backend, state: PyTree) -> PyTree:
+        """The logical host state (numpy) of a state on the devices in this layout.
+
+        Each device's chunk is copied to the host and the chunks are joined there; in a
+        multi-process run every process takes part (the chunks of other processes'
+        devices come by an all-gather between processes).
+        """
+        if not self.splits_anything:
+            return backend.first_copy(state)
+        host = backend.to_host(state, self.sharded)
+        return jax.tree.map(lambda c, x: c.join_host(x) if c else x, self._chunks, host)
+
+    def params_to_host(self, backend: Backend, params: PyTree) -> PyTree:
+        """The logical parameters (numpy) of parameters on the devices in this layout."""
+        if self.shard != "params":
+            return backend.first_copy(params)
+        split = jax.tree.map(lambda _: True, params)
+        host = backend.to_host(params, split)
+        return jax.tree.map(lambda c, x: c.join_host(x), self.param_chunks, host)
+
+    # Inside a mapped step:
+
+    def own_params(self, params: PyTree) -> PyTree:
+        """The chunks of whole parameters that this device holds."""
+        return jax.tree.map(lambda c, x: c.own(x), self.param_chunks, params)
+
+    def scatter_sum(self, grads: PyTree) -> PyTree:
+        """The chunks this device holds of the sum over devices of whole gradients."""
+        return jax.tree.map(lambda c, g: c.scatter_sum(g), self.param_chunks, grads)
+
+    def gather_params(self, chunks: PyTree) -> PyTree:
+        """Whole parameters from every device's chunks, replicated (for the new state)."""
+        return jax.tree.map(lambda c, x: c.gather_replicated(x), self.param_chunks, chunks)
+
+    def gathered(self, chunks: PyTree) -> PyTree:
+        """Whole parameters from every device's chunks, for use in this step only."""
+        return jax.tree.map(lambda c, x: c.gather(x), self.param_chunks, chunks)
+
+    def mask_padding(self, updates: PyTree) -> PyTree:
+        """Updates with their padding zeroed, so that it never enters the parameters."""
+        return jax.tree.map(lambda c, u: jnp.where(c.real(), u, jnp.zeros_like(u)),
+                            self.param_chunks, updates)
+
+    def gathering_loss(self, loss: Callable) -> Callable:
+        """`loss(params, ...)` taking parameter chunks: whole leaves are gathered inside.
+
+        The gathered leaves are named so that the backward pass gathers them again rather
+        than keeping them from the forward pass (at most the layer in use is whole).
+        """
+
+        def with_gathered(chunks, *args):
+            whole = jax.tree.map(lambda c, x: checkpoint_name(
+                c.gather(x), GATHERED), self.param_chunks, chunks)
+            return loss(whole, *args)
+
+        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+        return jax.checkpoint(with_gathered, policy=policy)
+
+
+def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:
+    """Which leaves of `tx.init(params)` follow the parameters (and are split with them).
+
+    `tx.init` is traced (nothing computed) on parameter chunks that differ across devices;
+    an output leaf that differs too was computed from them (Adam's moments); one that does
+    not (a step count, a learning rate) is replicated.
+    """
+    found: list[bool] = []
+
+    def probe(params):
+        state = tx.init(params)
+        found.extend(AXIS in varying_axes(leaf) for leaf in jax.tree.leaves(state))
+        return jax.tree.map(lambda _: jnp.zeros(()), state)
+
+    devices = backend.mesh.size
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (Chunks.of(np.shape(x), devices).chunk * devices,), np.asarray(x).dtype), params)
+    mapped = jax.shard_map(probe, mesh=backend.mesh, in_specs=P(AXIS), out_specs=P(),
+                           check_vma=True)
+    structure = jax.eval_shape(mapped, shapes)
+    return jax.tree.unflatten(jax.tree.structure(structure), found)
+
+
+def _all_gather_invariant(x: jax.Array) -> jax.Array:
+    """An all-gather whose result shard_map knows to be the same on every device."""
+    gather = getattr(jax.lax, "all_gather_invariant", None)
+    if gather is None:
+        from jax._src.lax import parallel  # jax 0.10 keeps it private
+
+        gather = getattr(parallel, "all_gather_invariant", None)
+    if gather is not None:
+        return gather(x, AXIS, tiled=True)
+    # Each device puts its chunk in place in zeros; the sum is every chunk (exact: x + 0).
+    devices = jax.lax.psum(1, AXIS)
+    placed = jnp.zeros((devices, *x.shape), x.dtype).at[jax.lax.axis_index(AXIS)].set(x)
+    return jax.lax.psum(placed, AXIS).reshape(-1, *x.shape[1:])

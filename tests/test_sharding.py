@@ -1,0 +1,228 @@
+"""ZeRO (`parallel.shard`): the split state trains exactly as the replicated one.
+
+Every `parallel.shard` value is compared with `none`, the plain data-parallel step that the
+rest of the suite checks against single-device and numpy references.
+"""
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import experiments.digits_cnn as digits
+import experiments.gpt_lm as gpt
+from jaxdist.compiled import collectives, lower_train_step
+from jaxdist.config import apply_overrides
+from jaxdist.optimizers import build_optimizer, clip_by_global_norm, scale_by_trust_ratio
+from jaxdist.parallel import AXIS, make_backend
+from jaxdist.sharding import SHARDS, Chunks, StateLayout
+from jaxdist.step import TrainState
+from jaxdist.train import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+SPLIT = [s for s in SHARDS if s != "none"]
+EXPERIMENTS = {"digits_cnn": (digits, ["optimizer.clip_norm=0.5"]), "gpt_lm": (gpt, [])}
+OPTIMIZERS = {"adamw_clip": [], "lamb": ["optimizer.name=lamb", "optimizer.weight_decay=0.01"]}
+
+
+@functools.cache
+def run(experiment: str, optimizer: str, backend: str, shard: str, steps: int = 200,
+        extra: tuple[str, ...] = ()):
+    """Train and return (train history, final logical params)."""
+    module, settings = EXPERIMENTS[experiment]
+    config = apply_overrides(module.tiny_config(), [
+        *settings, *OPTIMIZERS[optimizer], f"train.steps={steps}", "train.log_every=20",
+        f"parallel.backend={backend}", f"parallel.shard={shard}", *extra])
+    result = fit(module.build(config), config, stream=None)
+    return result.history("train"), result.params
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    (history_a, params_a), (history_b, params_b) = a, b
+    assert history_a.keys() == history_b.keys()
+    for name in history_a:
+        np.testing.assert_allclose(history_a[name], history_b[name], rtol=rtol, err_msg=name)
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("shard", SPLIT)
+@pytest.mark.parametrize("backend", ["pmap", "shard_map"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_200_steps_of_every_split_equal_the_replicated_run(experiment, optimizer, backend,
+                                                             shard):
+    assert_same_run(run(experiment, optimizer, backend, shard),
+                    run(experiment, optimizer, backend, "none"))
+
+
+@pytest.mark.parametrize("extra", [
+    ("parallel.grad_reduce=sum",),
+    ("train.grad_accum=2",),
+    ("train.precision=bf16",),
+    ("loader.drop_remainder=false", "train.batch_size=200"),  # padding rows of weight 0
+    ("train.skip_with=where",),
+])
+@pytest.mark.parametrize("shard", SPLIT)
+def test_every_split_keeps_the_other_options_exact(shard, extra):
+    backend = "shard_map" if "grad_accum" in extra[0] else "pmap"
+    assert_same_run(run("digits_cnn", "adamw_clip", backend, shard, 30, extra),
+                    run("digits_cnn", "adamw_clip", backend, "none", 30, extra))
+
+
+def small_layout(shard, params, tx, backend="shard_map"):
+    state = TrainState.create(params, tx, jax.random.key(0))
+    return state, StateLayout(shard, jax.device_get(state), tx, make_backend(backend))
+
+
+def test_chunks_pad_uneven_leaves_and_join_them_back():
+    for shape in [(), (3,), (7, 5), (8,), (2, 3, 4)]:
+        cut = Chunks.of(shape, 8)
+        x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1
+        rows = cut.split_host(x)
+        assert rows.shape == (8, cut.chunk) and cut.chunk == max(1, -(-x.size // 8))
+        assert np.all(rows.reshape(-1)[x.size:] == 0)
+        np.testing.assert_array_equal(cut.join_host(rows), x)
+
+
+@pytest.mark.parametrize("shard", SPLIT)
+def test_the_padding_of_uneven_leaves_never_enters_the_state(shard):
+    # A rule that would move zero parameters: a constant update everywhere, padding included.
+    push = optax.GradientTransformation(optax.init_empty_state,
+                                        lambda u, s, p=None: (jax.tree.map(
+                                            lambda x: jnp.ones_like(x), u), s))
+    params = {"w": np.ones((3, 5), np.float32), "b": np.ones(3, np.float32)}
+    state, layout = small_layout(shard, params, push)
+    backend = make_backend("shard_map")
+
+    from jaxdist.step import make_train_step
+
+    def loss(p, batch, rng):
+        return batch["x"] @ p["w"].T @ p["b"] * 0 + batch["x"][:, 0], {}
+
+    step = backend.compile(make_train_step(loss, push, layout=layout),
+                           sharded=layout.sharded_or_none)
+    placed = layout.to_devices(backend, jax.device_get(state))
+    batch = {"x": np.ones((8, 5), np.float32), "weight": np.ones(8, np.float32)}
+    placed, _ = step(placed, backend.put_batch(batch))
+    rows = backend.to_host(placed, layout.sharded)
+    if shard == "params":
+        for leaf, cut in ((rows.params["w"], Chunks.of((3, 5), 8)),
+                          (rows.params["b"], Chunks.of((3,), 8))):
+            assert np.all(leaf.reshape(-1)[cut.size:] == 0)
+    host = layout.to_host(backend, placed)
+    np.testing.assert_array_equal(host.params["w"], params["w"] + 1)
+    np.testing.assert_array_equal(host.params["b"], params["b"] + 1)
+
+
+@pytest.mark.parametrize("name", ["clip", "lamb"])
+def test_global_norms_are_summed_over_the_chunks_of_every_device(name):
+    """clip_by_global_norm and LAMB's trust ratio on chunks equal optax's on whole leaves."""
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(5, 3)).astype(np.float32),
+              "b": rng.normal(size=(7,)).astype(np.float32)}
+    grads = jax.tree.map(lambda x: 3 * x[::-1].copy(), params)
+    whole = optax.clip_by_global_norm(1.0) if name == "clip" else optax.scale_by_trust_ratio()
+    split = clip_by_global_norm(1.0, AXIS) if name == "clip" else scale_by_trust_ratio(AXIS)
+    expected, _ = whole.update(grads, whole.init(params), params)
+    cuts = jax.tree.map(lambda x: Chunks.of(x.shape, 8), params)
+
+    def per_device(g, p):
+        own_g, own_p = (jax.tree.map(lambda c, x: c.own(x), cuts, t) for t in (g, p))
+        updates, _ = split.update(own_g, split.init(own_p), own_p)
+        return jax.tree.map(lambda c, u: c.gather(u), cuts, updates)
+
+    got = jax.pmap(lambda _, g, p: per_device(g, p), axis_name=AXIS,
+                   in_axes=(0, None, None))(np.arange(8), grads, params)
+    for key in params:
+        np.testing.assert_allclose(np.asarray(got[key])[3], expected[key], rtol=1e-6)
+
+
+def test_optimizer_state_that_follows_the_params_is_split_and_the_rest_is_not():
+    params = {"w": np.ones((4, 4), np.float32)}
+    tx = build_optimizer(apply_overrides(digits.config(), ["optimizer.decay_steps=10",
+                                                           "optimizer.clip_norm=1"]).optimizer,
+                         across=AXIS)
+    state, layout = small_layout("optimizer", params, tx)
+    split = {jax.tree_util.keystr(path): value for path, value in
+             jax.tree_util.tree_flatten_with_path(layout.sharded.opt_state)[0]}
+    moments = [path for path in split if "['w']" in path]
+    assert moments and all(split[path] for path in moments)  # Adam's mu and nu
+    assert not any(value for path, value in split.items() if path not in moments)
+    assert not any(jax.tree.leaves(layout.sharded.params))
+
+
+@pytest.mark.parametrize("backend", ["pmap", "shard_map"])
+def test_the_split_steps_reduce_scatter_and_all_gather_instead_of_all_reducing(backend):
+    config = apply_overrides(gpt.tiny_config(), [f"parallel.backend={backend}"])
+    found = {}
+    for shard in SHARDS:
+        c = apply_overrides(config, [f"parallel.shard={shard}"])
+        lowered, _ = lower_train_step(gpt.build(c), c)
+        kinds: dict[str, int] = {}
+        for instruction in collectives(lowered.compile().as_text()):
+            op = instruction.op.removesuffix("-start")
+            kinds[op] = kinds.get(op, 0) + instruction.elements
+        found[shard] = kinds
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run_params_shapes(config)))
+    assert "reduce-scatter" not in found["none"] and "all-gather" not in found["none"]
+    for shard in SPLIT:
+        kinds = found[shard]
+        assert "reduce-scatter" in kinds and "all-gather" in kinds, (shard, kinds)
+        # What is still all-reduced is scalars (metric sums, norms), not the gradient.
+        assert kinds.get("all-reduce", 0) < params // 100, (shard, kinds)
+
+
+def run_params_shapes(config):
+    return jax.eval_shape(gpt.build(config).init_params, jax.random.key(0))
+
+
+def test_split_state_takes_less_memory_per_device():
+    config = apply_overrides(gpt.tiny_config(), ["parallel.backend=shard_map"])
+    sizes = {}
+    for shard in SHARDS:
+        c = apply_overrides(config, [f"parallel.shard={shard}"])
+        lowered, _ = lower_train_step(gpt.build(c), c)
+        analysis = lowered.compile().memory_analysis()
+        sizes[shard] = analysis.argument_size_in_bytes
+    params = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(run_params_shapes(config)))
+    # AdamW: params + 2 moments = 3 copies; split over 8 devices as the shard says.
+    assert sizes["none"] - sizes["optimizer"] == pytest.approx(2 * params * 7 / 8, rel=0.02)
+    assert sizes["gradients"] == sizes["optimizer"]
+    assert sizes["optimizer"] - sizes["params"] == pytest.approx(params * 7 / 8, rel=0.02)
+
+
+@pytest.mark.parametrize("first,second", [("params", "optimizer"), ("none", "params")])
+def test_a_run_resumes_with_another_split_and_device_count_exactly(tmp_path, first, second):
+    settings = ["optimizer.clip_norm=0.5", "train.log_every=5", "train.checkpoint_every=10"]
+    config = apply_overrides(digits.tiny_config(), [*settings, f"parallel.shard={first}",
+                                                    "train.steps=10"])
+    fit(digits.build(config), config, tmp_path / "split", stream=None)
+    resumed = apply_overrides(config, [f"parallel.shard={second}", "train.steps=20",
+                                       "parallel.devices=4", "parallel.backend=shard_map"])
+    after = fit(digits.build(resumed), resumed, tmp_path / "split", stream=None)
+    whole = apply_overrides(config, ["parallel.shard=none", "train.steps=20"])
+    reference = fit(digits.build(whole), whole, tmp_path / "whole", stream=None)
+    a = [r for r in after.records if r["step"] > 10]
+    b = [r for r in reference.records if r["step"] > 10]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            if key not in ("split", "step", "steps_per_s", "examples_per_s"):
+                np.testing.assert_allclose(x[key], y[key], rtol=1e-5, err_msg=key)
+
+
+def test_an_unknown_shard_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxdist.run", "digits_cnn",
+                             "parallel.shard=zero3", "--workdir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "parallel.shard" in lines[0] and "params" in lines[0]
