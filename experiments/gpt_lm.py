@@ -15,7 +15,10 @@ synthetic file.
 Sizes (`model.size`): `tiny` (2 layers, width 128, 128-byte context) for the CPU; `small`;
 `gpt2` (12 layers, width 768, 12 heads, 1024-byte context: GPT-2 small's shape; with a
 256-byte vocabulary it has 86M parameters, `model.vocab_size=50257` gives GPT-2's 124M) for
-a GPU, e.g. `model.size=gpt2 train.batch_size=16 train.precision=bf16`.
+a GPU, e.g. `model.size=gpt2 train.batch_size=16 train.precision=bf16`; `gpt2_medium`,
+`gpt2_large` and `gpt2_xl` (24, 36 and 48 layers of width 1024, 1280 and 1600: GPT-2's 355M,
+774M and 1.5B with `model.vocab_size=50257`) for `parallel.shard` (`scripts/bench_shard.py`).
+`data.window=N` trains on windows of N tokens instead of the whole context.
 
 Speed levers, each changing how the same values are computed, not the values:
 `model.attention=cudnn` runs attention as cuDNN's flash attention (an NVIDIA GPU with
@@ -39,6 +42,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
@@ -49,13 +53,14 @@ from jaxdist.errors import UserError
 from jaxdist.losses import chunked_cross_entropy, cross_entropy
 from jaxdist.models.gpt import GPT, SIZES, check_attention
 from jaxdist.precision import compute_dtype
+from jaxdist.sharding import gather_where_used
 
 
 @dataclass
 class GPTModelConfig:
     """The model's size, and speed levers that leave the values computed as they are."""
 
-    size: str = "tiny"  # tiny | small | gpt2
+    size: str = "tiny"  # tiny | small | gpt2 | gpt2_medium | gpt2_large | gpt2_xl
     vocab_size: int = 256
     dropout: float = 0.0
     attention: Literal["xla", "cudnn"] = "xla"  # cudnn: flash attention (NVIDIA GPU, bf16)
@@ -71,6 +76,7 @@ class TextDataConfig:
     max_bytes: int = 0  # read at most this many bytes (0: all)
     held_out: float = 0.05  # the last fraction of the bytes (or tokens), for evaluation
     tokens: str = ""  # uint16 token files (a .bin or a folder of them) instead of bytes
+    window: int = 0  # tokens per training window; 0: the model's whole context (seq_len)
 
 
 def config() -> Config:
@@ -101,13 +107,16 @@ def build(config: Config) -> Experiment:
     if d.path and d.tokens:
         raise UserError(f"data.path={d.path} and data.tokens={d.tokens} are both given; give "
                         f"one (data.path: text read as bytes, data.tokens: token files)")
+    if not 0 <= d.window <= size.seq_len:
+        raise UserError(f"data.window={d.window} is outside the model's context of "
+                        f"{size.seq_len} tokens; give 1 to {size.seq_len}, or 0 for all of it")
+    length = d.window or size.seq_len
     if d.tokens:
-        train, held_out = token_windows(d.tokens, size.seq_len, d.held_out, m.vocab_size)
+        train, held_out = token_windows(d.tokens, length, d.held_out, m.vocab_size)
     else:
         text = read_bytes(text_files(d.path), d.max_bytes)
         split = int(len(text) * (1 - d.held_out))
-        train, held_out = ByteWindows(text[:split], size.seq_len), ByteWindows(text[split:],
-                                                                                size.seq_len)
+        train, held_out = ByteWindows(text[:split], length), ByteWindows(text[split:], length)
     bits_per = "bits_per_token" if d.tokens else "bits_per_byte"
     precision = config.train.precision
     check_attention(m.attention, compute_dtype(precision))
@@ -132,15 +141,27 @@ def build(config: Config) -> Experiment:
         losses = losses.mean(axis=1)
         return losses, {bits_per: losses / math.log(2)}
 
-    def loss_fn(params, batch, rng):
-        return per_sequence(params, batch["tokens"], train=True, rngs={"dropout": rng})
-
-    def eval_fn(params, batch):
-        return per_sequence(params, batch["tokens"], train=False)
-
     def init_params(rng):
         dummy = jnp.zeros((1, size.seq_len), jnp.int32)
         return model.init(rng, dummy, train=False)["params"]
+
+    like = jax.eval_shape(init_params, jax.random.key(0))
+
+    def outside_blocks_whole(params):
+        """The params with every leaf outside the blocks whole (gathered, if in chunks).
+
+        Under parallel.shard=params the blocks gather their own weights, one block at a
+        time (jaxdist.models.gpt); the embeddings and the final LayerNorm are gathered here.
+        """
+        return {name: tree if name.startswith("block") else gather_where_used(tree, like[name])
+                for name, tree in params.items()}
+
+    def loss_fn(params, batch, rng):
+        return per_sequence(outside_blocks_whole(params), batch["tokens"], train=True,
+                            rngs={"dropout": rng})
+
+    def eval_fn(params, batch):
+        return per_sequence(outside_blocks_whole(params), batch["tokens"], train=False)
 
     def next_byte_logits(params, model_state, embeddings):
         """The logits of the byte after the window, from the window's embeddings."""
@@ -152,4 +173,4 @@ def build(config: Config) -> Experiment:
                               tokens[:, :-1]])
     return Experiment(init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
                       train_data=train, eval_data=held_out, precision=precision,
-                      explain=explain)
+                      explain=explain, gathers_params=True)

@@ -153,17 +153,24 @@ class ComputeModel:
 
 @dataclass(frozen=True)
 class StepModel:
-    """t(n) = compute + all-reduce of the gradient's bytes, optionally over several hosts."""
+    """t(n) = compute + all-reduce of the gradient's bytes, optionally over several hosts.
+
+    `volume` is the step's collective traffic as a multiple of one all-reduce of the
+    gradient: 1 for `parallel.shard=none` (an all-reduce), `optimizer` and `gradients` (a
+    reduce-scatter of the gradient and an all-gather of the parameters: the same bytes);
+    more for `params` when the backward pass gathers the parameters again (1.5).
+    """
 
     compute: ComputeModel
     intra: Link
     gradient_bytes: int
     inter: Link | None = None
     devices_per_host: int | None = None
+    volume: float = 1.0
 
     def allreduce_seconds(self, devices: int) -> float:
-        """The gradient's all-reduce over `devices`."""
-        return hierarchical_allreduce_seconds(self.gradient_bytes, devices,
+        """The step's gradient reduction (and parameter gathers) over `devices`."""
+        return hierarchical_allreduce_seconds(self.gradient_bytes * self.volume, devices,
                                               self.devices_per_host, self.intra, self.inter)
 
     def compute_seconds(self, per_device_batch: float, devices: int) -> float:
@@ -185,7 +192,7 @@ class StepModel:
 
         return {"compute": asdict(self.compute), "intra": link(self.intra),
                 "inter": link(self.inter), "devices_per_host": self.devices_per_host,
-                "gradient_bytes": self.gradient_bytes}
+                "gradient_bytes": self.gradient_bytes, "volume": self.volume}
 
 
 def _nonnegative_least_squares(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:

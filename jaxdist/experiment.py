@@ -72,6 +72,11 @@ class Experiment:
       builds it to compute in bfloat16 from float32 params (flax: `dtype=jnp.bfloat16`, see
       `jaxdist.precision`), leaving targets, losses and metrics in float32, and says so
       here. An experiment that ignores `train.precision` keeps "fp32" and refuses "bf16".
+    - `gathers_params`: under `parallel.shard=params`, the loss and eval functions get this
+      device's chunk of every parameter and gather each layer's where it is used, with
+      `jaxdist.sharding.gather_where_used` (inside `nn.remat`, so that the backward pass
+      gathers again and at most one layer's weights are whole). False (the default): the
+      step gathers them all before calling them.
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -85,6 +90,7 @@ class Experiment:
     name: str = ""
     source: str = ""
     explain: ExplainSpec | None = None
+    gathers_params: bool = False
 
     @property
     def has_state(self) -> bool:

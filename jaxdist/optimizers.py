@@ -48,8 +48,8 @@ def build_schedule(config: OptimizerConfig) -> optax.Schedule:
     return optax.constant_schedule(peak)
 
 
-def build_optimizer(config: OptimizerConfig,
-                    across: str | None = None) -> optax.GradientTransformation:
+def build_optimizer(config: OptimizerConfig, across: str | None = None,
+                    devices: int = 1) -> optax.GradientTransformation:
     """Return the optax transformation for `config` (its schedule's horizon resolved).
 
     `weight_decay` is decoupled for `adamw` and `lamb` and added to the gradient for the
@@ -57,22 +57,21 @@ def build_optimizer(config: OptimizerConfig,
     rate of the last applied update is kept in the optimizer state (optax's
     `inject_hyperparams`), where `learning_rate(opt_state)` reads it.
 
-    `across` names the device axis over which the parameters are split into chunks
-    (`parallel.shard`, see `jaxdist.sharding`): the transformation then sees one device's
-    chunks, and the norms it needs (the global gradient norm, LAMB's per-leaf norms) are
-    summed over the chunks of all devices, so they stay those of the whole leaves.
+    The norms that clipping and LAMB need are summed over `devices` chunks of each leaf
+    (`jaxdist.sharding`'s cut), chunk by chunk in device order. `across=None`: the
+    transformation sees whole leaves and cuts them itself; `across=AXIS`: it sees this
+    device's chunks (`parallel.shard`) and gathers the other chunks' sums. The norms, and so
+    the whole run, are then the same bits whatever `parallel.shard` splits.
     """
 
     def with_rate(learning_rate):
         if config.name == "adamw":
             return optax.adamw(learning_rate, weight_decay=config.weight_decay)
-        if config.name == "lamb" and across is not None:
+        if config.name == "lamb":  # optax.lamb, with the trust ratio's norms summed as above
             return optax.chain(optax.scale_by_adam(eps=1e-6),
                                optax.add_decayed_weights(config.weight_decay),
-                               scale_by_trust_ratio(across),
+                               scale_by_trust_ratio(devices, across),
                                optax.scale_by_learning_rate(learning_rate))
-        if config.name == "lamb":
-            return optax.lamb(learning_rate, weight_decay=config.weight_decay)
         base = {
             "sgd": lambda: optax.sgd(learning_rate),
             "momentum": lambda: optax.sgd(learning_rate, momentum=config.momentum),
@@ -83,29 +82,45 @@ def build_optimizer(config: OptimizerConfig,
         return base
 
     tx = optax.inject_hyperparams(with_rate)(learning_rate=build_schedule(config))
-    if config.clip_norm and across is not None:
-        return optax.chain(clip_by_global_norm(config.clip_norm, across), tx)
     if config.clip_norm:
-        return optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+        return optax.chain(clip_by_global_norm(config.clip_norm, devices, across), tx)
     return tx
 
 
-def _sum_of_squares(tree: Any, across: str) -> jax.Array:
-    """The sum of the squares of every entry of `tree` on all devices of axis `across`."""
-    local = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
-    return jax.lax.psum(local, across)
+def sum_of_squares(x: jax.Array, devices: int, across: str | None) -> jax.Array:
+    """The sum of the squares of a leaf's entries, added chunk by chunk in device order.
+
+    `across=None`: `x` is the whole leaf, cut here into `devices` zero-padded chunks.
+    Otherwise `x` is this device's chunk and the other chunks' sums are all-gathered over
+    the axis `across`. Each chunk is reduced as one array of its own and the chunks' sums
+    are added in a fixed order, so both give the same bits.
+    """
+    if across is not None:
+        gathered = jax.lax.all_gather(jnp.sum(jnp.square(x.astype(jnp.float32))), across)
+        parts = [gathered[i] for i in range(devices)]
+    else:
+        chunk = max(1, -(-x.size // devices))
+        flat = x.reshape(-1).astype(jnp.float32)
+        flat = jnp.pad(flat, (0, devices * chunk - x.size))
+        parts = [jnp.sum(jnp.square(flat[i * chunk:(i + 1) * chunk])) for i in range(devices)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
-def clip_by_global_norm(max_norm: float, across: str) -> optax.GradientTransformation:
-    """Optax's `clip_by_global_norm` for updates split into chunks over the axis `across`.
+def clip_by_global_norm(max_norm: float, devices: int = 1,
+                        across: str | None = None) -> optax.GradientTransformation:
+    """Optax's `clip_by_global_norm`, its norm summed as `sum_of_squares` says.
 
-    The norm is that of the whole gradient (every device's chunks); the clipping is
-    optax's: `u` if the norm is below `max_norm`, else `u / norm * max_norm`.
+    `u` if the global norm is below `max_norm`, else `u / norm * max_norm`; the norm is
+    that of the whole gradient, also when each device sees its chunks (`across`).
     """
 
     def update(updates, state, params=None):
         del params
-        norm = jnp.sqrt(_sum_of_squares(updates, across))
+        squares = [sum_of_squares(u, devices, across) for u in jax.tree.leaves(updates)]
+        norm = jnp.sqrt(sum(squares[1:], squares[0]))
         keep = norm < max_norm
         return jax.tree.map(lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype))
                                                      * max_norm), updates), state
@@ -113,17 +128,18 @@ def clip_by_global_norm(max_norm: float, across: str) -> optax.GradientTransform
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def scale_by_trust_ratio(across: str) -> optax.GradientTransformation:
-    """Optax's `scale_by_trust_ratio` (LAMB's layer-wise ratio) for leaves split in chunks.
+def scale_by_trust_ratio(devices: int = 1,
+                         across: str | None = None) -> optax.GradientTransformation:
+    """Optax's `scale_by_trust_ratio` (LAMB's layer-wise ratio), norms as `sum_of_squares`.
 
-    Each leaf's parameter and update norms are those of the whole leaf, summed over the
-    devices of axis `across`; the ratio is optax's (1 where either norm is 0).
+    Each leaf's parameter and update norms are those of the whole leaf, also when each
+    device sees its chunks (`across`); the ratio is optax's (1 where either norm is 0).
     """
 
     def update(updates, state, params):
         def scaled(u, p):
-            param_norm = jnp.sqrt(_sum_of_squares(p, across))
-            update_norm = jnp.sqrt(_sum_of_squares(u, across))
+            param_norm = jnp.sqrt(sum_of_squares(p, devices, across))
+            update_norm = jnp.sqrt(sum_of_squares(u, devices, across))
             ratio = param_norm / update_norm
             safe = jnp.where((param_norm == 0.0) | (update_norm == 0.0), 1.0, ratio)
             return u * safe.astype(u.dtype)

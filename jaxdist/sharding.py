@@ -12,10 +12,12 @@ state over the same devices (ZeRO stages 1-3, as in DeepSpeed; FSDP in PyTorch):
   is reduce-scattered at once, so the accumulated gradient is held as 1/n too (with
   `optimizer` each device accumulates its own whole gradient and scatters it once). No
   device ever holds the whole reduced gradient in either.
-- `params`: the parameters too are stored split. The step gathers them where the loss uses
-  them; the gathered copies are not kept for the backward pass, which gathers again, so
-  the memory the compiler plans can hold one layer's weights at a time, not the model's.
-  The gradient of a gather is a reduce-scatter, so the gradients arrive split.
+- `params`: the parameters too are stored split, and gathered for the loss. A model that
+  gathers each layer's weights where it uses them, inside `nn.remat`
+  (`Experiment.gathers_params`, `gather_where_used`; gpt_lm does), holds one layer's
+  whole weights at a time, the backward pass gathering them again; otherwise the step
+  gathers them all before the loss. The gradient of a gather is a reduce-scatter, so the
+  gradients arrive split.
 
 Every leaf is cut the same way: flattened, padded with zeros to a multiple of n, and cut
 into n equal chunks; device i holds chunk i. The padding stays zero (updates are masked
@@ -39,7 +41,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UserError
@@ -47,7 +48,6 @@ from jaxdist.parallel import AXIS, Backend, varying_axes
 
 PyTree = Any
 SHARDS = ("none", "optimizer", "gradients", "params")
-GATHERED = "jaxdist_gathered_params"  # the name the backward pass recomputes (jax.checkpoint)
 
 
 def check_shard(shard: str) -> None:
@@ -106,7 +106,7 @@ class Chunks:
 
     def split_host(self, x: np.ndarray) -> np.ndarray:
         """A whole host leaf as `[devices, chunk]`, zero-padded."""
-        flat = np.zeros(self.devices * self.chunk, np.asarray(x).dtype)
+        flat = np.zeros(self.devices * self.chunk, _dtype(x))
         flat[:self.size] = np.asarray(x).reshape(-1)
         return flat.reshape(self.devices, self.chunk)
 
@@ -154,8 +154,8 @@ class StateLayout:
     def split_shapes(self, state: PyTree) -> PyTree:
         """The shapes of `state` as `to_devices` gets it: `[devices, chunk]` where split."""
         return jax.tree.map(
-            lambda c, x: jax.ShapeDtypeStruct((self.devices, c.chunk), np.asarray(x).dtype)
-            if c else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+            lambda c, x: jax.ShapeDtypeStruct((self.devices, c.chunk), _dtype(x))
+            if c else jax.ShapeDtypeStruct(np.shape(x), _dtype(x)),
             self._chunks, state)
 
     def to_devices(self, backend: Backend, state: PyTree) -> PyTree:
@@ -208,20 +208,49 @@ class StateLayout:
         return jax.tree.map(lambda c, u: jnp.where(c.real(), u, jnp.zeros_like(u)),
                             self.param_chunks, updates)
 
-    def gathering_loss(self, loss: Callable) -> Callable:
-        """`loss(params, ...)` taking parameter chunks: whole leaves are gathered inside.
+    def gathering_loss(self, loss: Callable, by_model: bool = False) -> Callable:
+        """`loss(params, ...)` taking this device's parameter chunks.
 
-        The gathered leaves are named so that the backward pass gathers them again rather
-        than keeping them from the forward pass (at most the layer in use is whole).
+        The whole parameters are gathered first; or, with `by_model`, the loss gets the
+        chunks and gathers each layer's where it uses them (`gather_where_used`). Either
+        way the gradient of the gather is a reduce-scatter, so it arrives in chunks.
         """
 
         def with_gathered(chunks, *args):
-            whole = jax.tree.map(lambda c, x: checkpoint_name(
-                c.gather(x), GATHERED), self.param_chunks, chunks)
-            return loss(whole, *args)
+            return loss(self.gathered(chunks), *args)
 
-        policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
-        return jax.checkpoint(with_gathered, policy=policy)
+        def with_chunks(chunks, *args):
+            _CHUNKS_OVER.append(self.devices)
+            try:
+                return loss(chunks, *args)
+            finally:
+                _CHUNKS_OVER.pop()
+
+        return with_chunks if by_model else with_gathered
+
+
+_CHUNKS_OVER: list[int] = []  # the device count, while a loss is traced on chunks
+
+
+def gather_where_used(tree: PyTree, like: PyTree) -> PyTree:
+    """Whole parameters from this device's chunks, for a model that gathers layer by layer.
+
+    Inside a step with `parallel.shard=params` of an experiment with `gathers_params=True`,
+    the loss function gets each parameter as this device's chunk; a layer calls this on
+    its own parameters where it uses them. `like` has the whole leaves (arrays or
+    `jax.ShapeDtypeStruct`s) in the same structure. Anywhere else `tree` is returned as it
+    is, so the same model code serves every `parallel.shard`. Call it inside the layer's
+    `nn.remat` for the backward pass to gather again rather than keep the whole weights.
+    """
+    if not _CHUNKS_OVER:
+        return tree
+    devices = _CHUNKS_OVER[-1]
+    return jax.tree.map(lambda x, whole: Chunks.of(np.shape(whole), devices).gather(x),
+                        tree, like)
+
+
+def _dtype(x: Any) -> np.dtype:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:
@@ -240,7 +269,7 @@ def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:
 
     devices = backend.mesh.size
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        (Chunks.of(np.shape(x), devices).chunk * devices,), np.asarray(x).dtype), params)
+        (Chunks.of(np.shape(x), devices).chunk * devices,), _dtype(x)), params)
     mapped = jax.shard_map(probe, mesh=backend.mesh, in_specs=P(AXIS), out_specs=P(),
                            check_vma=True)
     structure = jax.eval_shape(mapped, shapes)

@@ -178,7 +178,8 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
                                     c.best_mode, writer=is_primary())
             saved = _saved_run(store, workdir)
         config = fix_schedule_horizon(config, saved and saved.config)
-        tx = build_optimizer(config.optimizer, across=AXIS if splits else None)
+        tx = build_optimizer(config.optimizer, across=AXIS if splits else None,
+                             devices=len(backend.global_devices))
         run = RunState(config, backend, loader, identity)
         host_state = initial_state(experiment, config, tx)
         layout = StateLayout(config.parallel.shard, host_state, tx, backend)
@@ -232,13 +233,13 @@ def train_step_fn(experiment: Experiment, start: Start) -> Callable:
     return make_train_step(experiment.loss_fn, start.tx, c.parallel.grad_reduce,
                            c.train.skip_nonfinite, has_state=experiment.has_state,
                            grad_accum=c.train.grad_accum, skip_with=c.train.skip_with,
-                           layout=start.layout)
+                           layout=start.layout, gathers_params=experiment.gathers_params)
 
 
 def eval_step_fn(experiment: Experiment, start: Start) -> Callable:
     """The per-device evaluation step of this run."""
     return make_eval_step(experiment.evaluation_fn(), has_state=experiment.has_state,
-                          layout=start.layout)
+                          layout=start.layout, gathers_params=experiment.gathers_params)
 
 
 def _saved_run(store: CheckpointStore, workdir: Path) -> SavedRun | None:

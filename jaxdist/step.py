@@ -120,7 +120,8 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
                     grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
                     *, has_state: bool = False, grad_accum: int = 1,
                     skip_with: Literal["cond", "where"] = "cond",
-                    reduce_across_devices: bool = True, layout: StateLayout | None = None
+                    reduce_across_devices: bool = True, layout: StateLayout | None = None,
+                    gathers_params: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
@@ -147,7 +148,8 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     chunk of the parameters with its chunk of the optimizer state (`tx` must then sum its
     global quantities over the devices: `build_optimizer(..., across=AXIS)`), and the
     parameters are all-gathered again (or, for `params`, gathered inside the loss).
-    Compile the step with the layout's `sharded` tree.
+    Compile the step with the layout's `sharded` tree. `gathers_params`: the loss function
+    gathers its parameters itself (`Experiment.gathers_params`).
     """
     if grad_reduce not in ("mean", "sum"):
         raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
@@ -159,7 +161,8 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         raise ValueError("reduce_across_devices=False measures the unsplit step only")
     loss = loss_fn if has_state else stateful(loss_fn)
     if shard == "params":
-        loss = layout.gathering_loss(loss)  # the gradient comes back reduce-scattered
+        # The gradient comes back reduce-scattered (the transpose of the gather).
+        loss = layout.gathering_loss(loss, by_model=gathers_params)
 
     def psum(tree):
         return jax.lax.psum(tree, AXIS) if reduce_across_devices else tree
@@ -287,21 +290,21 @@ def _all_finite(tree: PyTree, across_devices: bool = False) -> jax.Array:
 
 
 def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
-                   layout: StateLayout | None = None
+                   layout: StateLayout | None = None, gathers_params: bool = False
                    ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Build the per-device step `(state, batch) -> summed_metrics`.
 
     `eval_fn(params, batch) -> (losses, aux)` (or `eval_fn(params, model_state, batch)` with
     `has_state`) is deterministic (no dropout). Padding rows weigh 0, so summing over an
     epoch of padded batches counts every example exactly once. With a `layout` that splits
-    the parameters, they are gathered first.
+    the parameters, they are gathered first (or by `eval_fn`: `gathers_params`).
     """
     evaluate = eval_fn if has_state else stateful_eval(eval_fn)
-    gather = layout is not None and layout.shard == "params"
+    if layout is not None and layout.shard == "params":
+        evaluate = layout.gathering_loss(evaluate, by_model=gathers_params)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        params = layout.gathered(state.params) if gather else state.params
-        losses, aux = evaluate(params, state.model_state, batch)
+        losses, aux = evaluate(state.params, state.model_state, batch)
         return jax.lax.psum(_weighted_sums(losses, aux, batch["weight"]), AXIS)
 
     return eval_step

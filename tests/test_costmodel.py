@@ -166,3 +166,15 @@ def test_the_readme_states_the_assumptions_and_the_table_the_code_uses():
         row = (f"| `{link.name}` | {link.description} | {link.listed} | "
                f"{link.bandwidth_gbs:g} | {link.latency_us:g} | {link.source} |")
         assert row in readme, row
+
+
+def test_the_volume_of_a_split_step_scales_its_communication():
+    link = Link(bandwidth=1e9, latency=0.0)
+    compute = ComputeModel(overhead=0.0, per_example=0.0)
+    base = StepModel(compute, link, 1_000_000)
+    again = StepModel(compute, link, 1_000_000, volume=1.5)
+    for devices in (2, 8):
+        assert again.allreduce_seconds(devices) == pytest.approx(
+            ring_allreduce_seconds(1_500_000, devices, link))
+        assert again.allreduce_seconds(devices) == pytest.approx(
+            1.5 * base.allreduce_seconds(devices))

@@ -206,3 +206,16 @@ def test_gpt_lm_trains_to_the_same_metrics_with_the_levers_on():
     np.testing.assert_array_equal(got["step"], want["step"])
     for name in ("loss", "bits_per_byte"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5)
+
+
+def test_a_shorter_window_trains_on_windows_of_that_many_bytes():
+    config = apply_overrides(gpt_lm.tiny_config(), [*FAST, "data.window=32"])
+    experiment = gpt_lm.build(config)
+    batch = experiment.train_data.get_batch(np.arange(3))
+    assert batch["tokens"].shape == (3, 33)  # inputs and next-byte targets
+    np.testing.assert_array_equal(batch["tokens"][1, 0], batch["tokens"][0, 32])
+    result = fit(experiment, config, stream=None)
+    assert np.isfinite(result.last("train")["loss"])
+    for bad in (-1, 129):
+        with pytest.raises(UserError, match="data.window"):
+            gpt_lm.build(apply_overrides(gpt_lm.tiny_config(), [f"data.window={bad}"]))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdist.errors import UserError
+from jaxdist.sharding import gather_where_used
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ SIZES = {
     "tiny": GPTSize(layers=2, width=128, heads=4, seq_len=128),
     "small": GPTSize(layers=4, width=256, heads=8, seq_len=256),
     "gpt2": GPTSize(layers=12, width=768, heads=12, seq_len=1024),
+    "gpt2_medium": GPTSize(layers=24, width=1024, heads=16, seq_len=1024),
+    "gpt2_large": GPTSize(layers=36, width=1280, heads=20, seq_len=1024),
+    "gpt2_xl": GPTSize(layers=48, width=1600, heads=25, seq_len=1024),
 }
 
 
@@ -82,18 +86,26 @@ def check_attention(attention: str, dtype: Any, platform: str | None = None) -> 
                         f"model.attention=xla")
 
 
-def block_class(remat: str) -> type[nn.Module]:
+def block_class(remat: str, like: Any = None) -> type[nn.Module]:
     """`Block`, or `Block` recomputed in the backward pass for `model.remat`.
 
     `block` recomputes all of it; `dots` keeps the outputs of the matmuls without batch
-    dimensions (the Dense layers) and recomputes the rest.
+    dimensions (the Dense layers) and recomputes the rest. With `like` (a block's params, as
+    shapes), the block gathers its params where it uses them when they come as chunks
+    (`parallel.shard=params`, `jaxdist.sharding.gather_where_used`), inside the remat.
     """
+    block = Block
+    if like is not None:
+        block = nn.map_variables(
+            Block, "params", init=True,
+            trans_in_fn=lambda variables: {"params": gather_where_used(variables["params"],
+                                                                      like)})
     if remat == "none":
-        return Block
+        return block
     if remat == "block":
-        return nn.remat(Block, static_argnums=(2,))  # counting self: `train` is static
+        return nn.remat(block, static_argnums=(2,))  # counting self: `train` is static
     if remat == "dots":
-        return nn.remat(Block, static_argnums=(2,),
+        return nn.remat(block, static_argnums=(2,),
                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise UserError(f"model.remat={remat} is unknown; choose one of: {', '.join(REMATS)}")
 
@@ -134,9 +146,12 @@ class GPT(nn.Module):
         x = embed(tokens) if embeddings is None else embeddings.astype(embed.dtype)
         x = x + positions[: x.shape[1]].astype(embed.dtype)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        block = block_class(self.remat)
+        settings = (self.size.width, self.size.heads, self.dropout, self.dtype,
+                    self.attention)
+        like = jax.eval_shape(lambda: Block(*settings).init(
+            jax.random.key(0), jnp.zeros((1, 1, self.size.width), self.dtype), False))
+        block = block_class(self.remat, like["params"])
         for i in range(self.size.layers):
-            x = block(self.size.width, self.size.heads, self.dropout, self.dtype,
-                      self.attention, name=f"block{i}")(x, train)
+            x = block(*settings, name=f"block{i}")(x, train)
         hidden = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
         return hidden if return_hidden else embed.attend(hidden)

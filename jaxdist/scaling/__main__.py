@@ -201,14 +201,14 @@ def study(args: argparse.Namespace, command: str, experiment: Experiment, config
     common = {"plan": plan, "target": args.target_efficiency, "goal": goal,
               "dataset_size": measured.dataset_size, "fixed_seconds": compile_seconds}
     here = StepModel(fitted.compute, fitted.intra, fitted.gradient_bytes,
-                     None if inter is None else inter.link, hosts)
+                     None if inter is None else inter.link, hosts, fitted.volume)
     # This machine's fitted links hold among its own devices only, unless hosts are given.
     scenarios = [reporting.scenario("this machine's links (fitted)", here, inter=inter,
                                     max_devices=max_devices if hosts else available,
                                     **common)]
     if link is not None:
         named = StepModel(accelerator_model(fitted), link.link, fitted.gradient_bytes,
-                          None if inter is None else inter.link, hosts)
+                          None if inter is None else inter.link, hosts, fitted.volume)
         scenarios.append(reporting.scenario(link.description, named, link=link, inter=inter,
                                             max_devices=max_devices, **common))
     return reporting.build(

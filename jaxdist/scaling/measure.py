@@ -32,6 +32,7 @@ import numpy as np
 from jaxdist.config import Config, apply_overrides
 from jaxdist.dispatch import InFlightLimit
 from jaxdist.experiment import Experiment
+from jaxdist.optimizers import build_optimizer
 from jaxdist.parallel import AXIS, PmapBackend
 from jaxdist.start import prepare_run, train_step_fn
 from jaxdist.step import make_train_step
@@ -132,13 +133,16 @@ def step_programs(experiment: Experiment, config: Config, devices: int, global_b
     config = apply_overrides(config, [f"parallel.devices={devices}",
                                       f"train.batch_size={global_batch}"])
     start = prepare_run(experiment, config, None, False, ())
-    backend, c = start.backend, start.config
+    backend, c, layout = start.backend, start.config, start.layout
     host_batch = start.loader.peek()
-    step = backend.compile(train_step_fn(experiment, start), traced=True)
-    full = _step_program(step, backend.replicate(start.host_state),
+    step = backend.compile(train_step_fn(experiment, start), traced=True,
+                           sharded=layout.sharded_or_none)
+    full = _step_program(step, layout.to_devices(backend, start.host_state),
                          backend.put_batch(host_batch))
     # Outputs that differ across devices: pmap directly, not Backend.compile (which refuses).
-    local = make_train_step(experiment.loss_fn, start.tx, c.parallel.grad_reduce,
+    # The compute is that of the unsplit step (parallel.shard only moves its collectives).
+    tx = build_optimizer(c.optimizer, devices=len(backend.global_devices))
+    local = make_train_step(experiment.loss_fn, tx, c.parallel.grad_reduce,
                             c.train.skip_nonfinite, has_state=experiment.has_state,
                             grad_accum=c.train.grad_accum, skip_with=c.train.skip_with,
                             reduce_across_devices=False)

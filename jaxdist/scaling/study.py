@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from jaxdist.compiled import ring_traffic
 from jaxdist.config import Config
 from jaxdist.costmodel import ComputeModel, StepModel, fit_compute, fit_ring
 from jaxdist.data import as_source
@@ -115,6 +116,10 @@ class Measured:
     platform: str
     device_kind: str
     cpu_count: int
+    # The step's ring traffic / that of one all-reduce of the gradient (read from the
+    # compiled step at the largest count): 1 for an all-reduce, or for parallel.shard's
+    # reduce-scatter + all-gather; 1.5 when the backward pass gathers the params again.
+    volume: float = 1.0
 
     def timing(self, part: str, devices: int, per_device_batch: int = 0) -> Timing:
         """The timing of one program."""
@@ -145,6 +150,12 @@ def measure(experiment: Experiment, config: Config, plan: Plan,
             programs.update({Setting(part, n, b): program for part, program in built.items()})
         programs[Setting("allreduce", n)], gradient_bytes = allreduce_program(
             params, jax.local_devices()[:n])
+    volume = 1.0
+    largest = plan.counts[-1]
+    if largest > 1:
+        program = programs[Setting("step", largest, plan.batch("weak", largest))]
+        allreduce = 2 * (largest - 1) / largest * gradient_bytes
+        volume = ring_traffic(program.compiled.as_text(), largest) / allreduce
     log(f"timing {len(programs)} programs: {plan.rounds} rounds x {plan.window_steps} steps")
 
     def progress(done: int) -> None:
@@ -158,7 +169,7 @@ def measure(experiment: Experiment, config: Config, plan: Plan,
     return Measured(timings, gradient_bytes,
                     sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                     dataset_size(experiment), device.platform, device.device_kind,
-                    os.cpu_count() or 1)
+                    os.cpu_count() or 1, volume)
 
 
 def fit(measured: Measured, plan: Plan) -> StepModel:
@@ -174,7 +185,7 @@ def fit(measured: Measured, plan: Plan) -> StepModel:
                           measured.cpu_count if measured.platform == "cpu" else None)
     link = fit_ring([(measured.gradient_bytes, n, measured.timing("allreduce", n).median)
                      for n in plan.fit_counts])
-    return StepModel(compute, link, measured.gradient_bytes)
+    return StepModel(compute, link, measured.gradient_bytes, volume=measured.volume)
 
 
 def accelerator_model(fitted: StepModel) -> ComputeModel:
