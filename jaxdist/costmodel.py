@@ -158,7 +158,7 @@ class StepModel:
     `volume` is the step's collective traffic as a multiple of one all-reduce of the
     gradient: 1 for `parallel.shard=none` (an all-reduce), `optimizer` and `gradients` (a
     reduce-scatter of the gradient and an all-gather of the parameters: the same bytes);
-    more for `params` when the backward pass gathers the parameters again (1.5).
+    more for `params` when the backward pass gathers the parameters again.
     """
 
     compute: ComputeModel

@@ -4,10 +4,11 @@ Memory (`--memory`): gpt_lm at GPT-2's four shapes (124M, 355M, 774M, 1.5B with 
 50257-token vocabulary), compiled only (nothing is initialized or trained) for each
 `parallel.shard` value on the shard_map backend, one window of `--window` tokens per
 device (128 by default: the state, not the activations, is what ZeRO splits),
-`model.remat=block`; on the CPU with XLA's memory-optimized scheduler
-(`xla_cpu_scheduler_type`). From each compiled step's `memory_analysis()`, per device:
-the arguments (the state and the batch), the temporaries, their sum, and that sum as a
-share of `none`'s. The largest model takes about 15 minutes to compile for `none`.
+`model.remat=block`; on the CPU with XLA's memory-optimized scheduler and
+`jax.checkpoint`'s optimization barriers kept (see `memory_table`). From each compiled
+step's `memory_analysis()`, per device: the arguments (the state and the batch), the
+temporaries, their sum, and that sum as a share of `none`'s. The largest model takes
+about 15 minutes to compile for `none`.
 
 Speed (`--speed`): steps/s of the whole jaxdist step (`fit`'s step, metric window
 included) on gpt_lm tiny, for each `parallel.shard` value, in shuffled paired rounds; the
@@ -54,9 +55,13 @@ def memory_table(args: argparse.Namespace) -> None:
     from jaxdist.sharding import SHARDS
 
     devices = len(jax.devices())
-    # XLA:CPU's default scheduler favours running things at once over memory; the
-    # memory-optimized one is what a memory budget asks for (GPU and TPU schedule with one).
-    options = ({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    # XLA:CPU's default scheduler favours running things at once over memory: ask for its
+    # memory-optimized one. And XLA:CPU removes the optimization barriers of jax.checkpoint
+    # early ("cse_barrier_expander"), after which common-subexpression elimination merges a
+    # recomputed block's parameter gathers with the forward pass's, keeping every layer's
+    # gathered weights until the backward pass: keep the barriers, as jax.checkpoint asks.
+    options = ({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                "xla_disable_hlo_passes": "cse_barrier_expander"}
                if jax.devices()[0].platform == "cpu" else {})
     print(f"per-device memory of the compiled train step ({devices} x "
           f"{jax.devices()[0].platform}, {args.backend}); AdamW fp32 state, one window of "

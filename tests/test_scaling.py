@@ -156,3 +156,16 @@ def test_the_command_measures_fits_predicts_and_writes(tmp_path):
     assert report["assumptions"] in " ".join(result.stdout.split("\n"))
     assert "largest count with efficiency >= 0.8" in result.stdout
     assert str(workdir / "scaling.json") in result.stdout
+
+
+def test_a_split_state_is_measured_and_its_collective_volume_read(tmp_path):
+    workdir = tmp_path / "study"
+    result = run_scaling("digits_mlp", *SMALL_MLP, "train.batch_size=32", "parallel.shard=params",
+                         "--devices", "1,2", "--rounds", "2", "--window-steps", "3",
+                         "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((workdir / "scaling.json").read_text())
+    # A reduce-scatter of the gradient and one all-gather of the params: an all-reduce's bytes
+    # (padding of uneven leaves over 2 devices and the metric sums add a little).
+    assert report["fitted"]["volume"] == pytest.approx(1.0, rel=0.02)
+    assert "the step's collectives move" in result.stdout

@@ -136,8 +136,8 @@ def text(report: dict[str, Any]) -> str:
            f"{machine['cpu_count']} CPU cores, {report['date']}",
            f"{report['parameters']:,} parameters: the gradient all-reduce carries "
            f"{report['gradient_bytes']:,} bytes; the step's collectives move "
-           f"{report['fitted'].get('volume', 1.0):.3f} times what it does (from the "
-           f"compiled step; parallel.shard=params gathering again: 1.5)",
+           f"{report['fitted'].get('volume', 1.0):.3f} times what it does (read from the "
+           f"compiled step)",
            f"weak scaling: {plan['per_device_batch']} examples per device; strong scaling: "
            f"{plan['global_batch']} examples per step", "",
            f"measured, time per step: median of {plan['rounds']} interleaved rounds of "

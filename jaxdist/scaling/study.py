@@ -118,7 +118,7 @@ class Measured:
     cpu_count: int
     # The step's ring traffic / that of one all-reduce of the gradient (read from the
     # compiled step at the largest count): 1 for an all-reduce, or for parallel.shard's
-    # reduce-scatter + all-gather; 1.5 when the backward pass gathers the params again.
+    # reduce-scatter + all-gather; more when the backward pass gathers the params again.
     volume: float = 1.0
 
     def timing(self, part: str, devices: int, per_device_batch: int = 0) -> Timing:
