@@ -202,10 +202,12 @@ class StateLayout:
         cuts = treedef.flatten_up_to(self.param_chunks)
         out: list[Any] = [None] * len(leaves)
         for indices in _buckets(leaves, cuts):
-            rows = jnp.concatenate([cuts[i].padded(leaves[i]).reshape(self.devices, -1)
-                                    for i in indices], axis=1)
-            mine = jax.lax.psum_scatter(rows.reshape(-1), AXIS, scatter_dimension=0,
-                                        tiled=True)
+            if len(indices) == 1:
+                flat = cuts[indices[0]].padded(leaves[indices[0]])
+            else:
+                flat = jnp.concatenate([cuts[i].padded(leaves[i]).reshape(self.devices, -1)
+                                        for i in indices], axis=1).reshape(-1)
+            mine = jax.lax.psum_scatter(flat, AXIS, scatter_dimension=0, tiled=True)
             widths = [cuts[i].chunk for i in indices]
             for i, part in zip(indices, _split(mine, widths), strict=True):
                 out[i] = part
@@ -220,7 +222,8 @@ class StateLayout:
         cuts = treedef.flatten_up_to(self.param_chunks)
         out: list[Any] = [None] * len(leaves)
         for indices in _buckets(leaves, cuts):
-            mine = jnp.concatenate([leaves[i] for i in indices])
+            mine = (leaves[indices[0]] if len(indices) == 1
+                    else jnp.concatenate([leaves[i] for i in indices]))
             rows = _all_gather_invariant(mine).reshape(self.devices, -1)
             widths = [cuts[i].chunk for i in indices]
             for i, part in zip(indices, _split(rows, widths, axis=1), strict=True):
@@ -257,21 +260,24 @@ class StateLayout:
         return with_chunks if by_model else with_gathered
 
 
-BUCKET_BYTES = 64 << 20  # the most bytes of whole leaves one collective carries
+BUCKET_BYTES = 4 << 20  # leaves smaller than this travel together, up to this many bytes
 
 
 def _buckets(leaves: list[jax.Array], cuts: list[Chunks]) -> list[list[int]]:
-    """The indices of `leaves` in buckets of one dtype and at most `BUCKET_BYTES` each.
+    """The indices of `leaves` in buckets: small leaves of one dtype together, large alone.
 
-    One collective per bucket: one per leaf costs a fixed overhead each (20% of gpt_lm
-    tiny's step on 8 CPU devices), one for everything holds a second copy of the whole
-    gradient while it is laid out.
+    A collective per leaf costs a fixed overhead each (20% of gpt_lm tiny's step on 8
+    CPU devices, whose leaves are all small); laying leaves side by side for one
+    collective costs a copy of them, which for large leaves is memory better left alone.
     """
     buckets: list[list[int]] = []
     open_bucket: dict[Any, tuple[list[int], int]] = {}
     for index, (leaf, cut) in enumerate(zip(leaves, cuts, strict=True)):
         dtype = jnp.dtype(leaf.dtype)
         size = cut.devices * cut.chunk * dtype.itemsize
+        if size >= BUCKET_BYTES:
+            buckets.append([index])
+            continue
         members, held = open_bucket.get(dtype, ([], 0))
         if members and held + size > BUCKET_BYTES:
             buckets.append(members)

@@ -291,8 +291,10 @@ def test_leaves_travel_in_buckets_of_one_dtype_and_bounded_size(monkeypatch):
     leaves = [jnp.zeros(s, d) for s, d in [((100,), jnp.float32), ((8,), jnp.int32),
                                             ((300,), jnp.float32), ((50,), jnp.float32)]]
     cuts = [Chunks.of(leaf.shape, 8) for leaf in leaves]
-    monkeypatch.setattr(sharding, "BUCKET_BYTES", 4 * 400)
+    monkeypatch.setattr(sharding, "BUCKET_BYTES", 4 * 400)  # leaf 2 (1216 bytes) fits
     assert sorted(sharding._buckets(leaves, cuts)) == [[0], [1], [2, 3]]
+    monkeypatch.setattr(sharding, "BUCKET_BYTES", 4 * 300)  # leaf 2 travels alone
+    assert sorted(sharding._buckets(leaves, cuts)) == [[0, 3], [1], [2]]
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 1 << 20)
     assert sorted(sharding._buckets(leaves, cuts)) == [[0, 2, 3], [1]]
     # Buckets of one leaf each train exactly as the default ones do.
