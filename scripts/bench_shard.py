@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchlib import compare_in_rounds
+from benchlib import compare_in_rounds, jaxdist_runner
 
 SIZES = {"124M": "gpt2", "355M": "gpt2_medium", "774M": "gpt2_large", "1.5B": "gpt2_xl"}
 GIB = 1 << 30
@@ -96,8 +96,6 @@ def speed_table(args: argparse.Namespace) -> None:
     """Print steps/s of gpt_lm tiny's step for every shard value, as ratios to `none`."""
     import experiments.gpt_lm as gpt
     from jaxdist.config import apply_overrides
-    from jaxdist.dispatch import InFlightLimit
-    from jaxdist.metrics import MetricWindow
     from jaxdist.sharding import SHARDS
     from jaxdist.start import prepare_run, train_step_fn
 
@@ -110,20 +108,7 @@ def speed_table(args: argparse.Namespace) -> None:
         step = backend.compile(train_step_fn(experiment, start), traced=True,
                                sharded=layout.sharded_or_none)
         state = layout.to_devices(backend, start.host_state)
-        batch = backend.put_batch(start.loader.peek())
-
-        def run(steps: int) -> float:
-            nonlocal state
-            window, in_flight = MetricWindow(), InFlightLimit()
-            began = time.perf_counter()
-            for _ in range(steps):
-                state, sums = step(state, batch)
-                window.add(sums)
-                in_flight.add(sums)
-            window.summarize(backend)
-            return steps / (time.perf_counter() - began)
-
-        return run
+        return jaxdist_runner(step, state, backend.put_batch(start.loader.peek()), backend)
 
     sides = {f"shard={shard}": runner(shard) for shard in SHARDS}
     print(f"gpt_lm tiny, {args.backend}; {args.rounds} rounds x {args.steps} steps per side")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchlib import compare_in_rounds, mlp_logits, mlp_params
+from benchlib import compare_in_rounds, jaxdist_runner, mlp_logits, mlp_params
 
 BASELINE = "hand-written pmap, guarded"
 
@@ -53,7 +53,6 @@ def main() -> None:
 
     from jaxdist import make_backend, make_train_step
     from jaxdist.dispatch import InFlightLimit
-    from jaxdist.metrics import MetricWindow
     from jaxdist.step import TrainState
 
     rng = np.random.default_rng(0)
@@ -111,29 +110,17 @@ def main() -> None:
     hand_x, hand_y = backend.put_batch(x), backend.put_batch(y)
 
     # --- the jaxdist step, per backend ---------------------------------------------------
-    def jaxdist_runner(name: str):
+    def jaxdist_side(name: str):
         backend = make_backend(name)
         step = backend.compile(make_train_step(per_example_loss, tx))
         state = backend.replicate(TrainState.create(params, tx, jax.random.key(1)))
         batch = backend.put_batch({"x": x, "y": y, "weight": np.ones(args.batch, np.float32)})
-
-        def run(steps: int) -> float:
-            nonlocal state
-            window, in_flight = MetricWindow(), InFlightLimit()
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, sums = step(state, batch)
-                window.add(sums)
-                in_flight.add(sums)
-            window.summarize(backend)
-            return steps / (time.perf_counter() - start)
-
-        return run
+        return jaxdist_runner(step, state, batch, backend)
 
     sides = {"hand-written pmap": hand_written(False),
              BASELINE: hand_written(True),
-             "jaxdist pmap": jaxdist_runner("pmap"),
-             "jaxdist shard_map": jaxdist_runner("shard_map")}
+             "jaxdist pmap": jaxdist_side("pmap"),
+             "jaxdist shard_map": jaxdist_side("shard_map")}
     device = jax.devices()[0]
     print(f"devices: {n} x {device.platform} ({device.device_kind}); MLP {sizes}, "
           f"global batch {args.batch}; {args.windows} rounds x {args.steps} steps per side")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,3 +58,27 @@ def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
     for layer in params[:-1]:
         x = jax.nn.relu(x @ layer["w"] + layer["b"])
     return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def jaxdist_runner(step: Callable, state: Any, batch: Any, backend: Any
+                   ) -> Callable[[int], float]:
+    """A side that runs a compiled jaxdist step as `fit` does, returning steps/s.
+
+    Metric sums stay on the devices and are read once at the end (one window), and at most
+    2 steps run ahead of the host (`jaxdist.dispatch.InFlightLimit`).
+    """
+    from jaxdist.dispatch import InFlightLimit
+    from jaxdist.metrics import MetricWindow
+
+    def run(steps: int) -> float:
+        nonlocal state
+        window, in_flight = MetricWindow(), InFlightLimit()
+        began = time.perf_counter()
+        for _ in range(steps):
+            state, sums = step(state, batch)
+            window.add(sums)
+            in_flight.add(sums)
+        window.summarize(backend)
+        return steps / (time.perf_counter() - began)
+
+    return run

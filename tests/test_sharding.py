@@ -301,3 +301,12 @@ def test_leaves_travel_in_buckets_of_one_dtype_and_bounded_size(monkeypatch):
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 1)
     assert_same_run(run("digits_cnn", "adamw_clip", "shard_map", "optimizer", 12),
                     run("digits_cnn", "adamw_clip", "shard_map", "none", 12))
+
+
+def test_on_one_device_every_split_is_the_unsplit_step():
+    params = {"w": np.ones((4, 4), np.float32)}
+    tx = optax.adam(1e-3)
+    state = jax.device_get(TrainState.create(params, tx, jax.random.key(0)))
+    for shard in SPLIT:
+        layout = StateLayout(shard, state, tx, make_backend("shard_map", 1))
+        assert layout.shard == "none" and layout.sharded_or_none is None
