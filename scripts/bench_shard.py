@@ -8,13 +8,13 @@ device (128 by default: the state, not the activations, is what ZeRO splits),
 `jax.checkpoint`'s optimization barriers kept (see `memory_table`). From each compiled
 step's `memory_analysis()`, per device: the arguments (the state and the batch), the
 temporaries, their sum, and that sum as a share of `none`'s. The largest model takes
-about 15 minutes to compile for `none`.
+about 17 minutes to compile for `none`.
 
 Speed (`--speed`): steps/s of the whole jaxdist step (`fit`'s step, metric window
 included) on gpt_lm tiny, for each `parallel.shard` value, in shuffled paired rounds; the
 ratio to `none` is taken within each round and its median printed.
 
-    python scripts/bench_shard.py --memory            # about 40 minutes on 2 cores
+    python scripts/bench_shard.py --memory            # about 50 minutes on 2 cores
     python scripts/bench_shard.py --speed             # about 2 minutes
 """
 
