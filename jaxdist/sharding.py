@@ -82,10 +82,6 @@ class Chunks:
         start = jax.lax.axis_index(AXIS) * self.chunk
         return jax.lax.dynamic_slice_in_dim(self.padded(x), start, self.chunk)
 
-    def scatter_sum(self, x: jax.Array) -> jax.Array:
-        """The chunk this device holds of the sum over devices of `x` (a reduce-scatter)."""
-        return jax.lax.psum_scatter(self.padded(x), AXIS, scatter_dimension=0, tiled=True)
-
     def gather(self, chunk: jax.Array) -> jax.Array:
         """The whole leaf from every device's chunk (an all-gather), padding cut off.
 
