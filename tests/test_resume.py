@@ -124,7 +124,9 @@ def cli(workdir, *overrides):
 
 def test_sigkill_at_random_moments_never_breaks_a_run(tmp_path):
     # Start-up, then 200 steps with a save every 2 steps: kills land in start-up, in steps
-    # and in saves. Kill times are drawn relative to this machine's uninterrupted run.
+    # and in saves. Kill times are drawn relative to this machine's uninterrupted run. Each
+    # trial is killed a fixed number of times and then left to finish: a resume pays start-up
+    # again, so on a loaded machine a run killed forever at these times might never finish.
     settings = ["train.steps=200", "train.checkpoint_every=2"]
     started = time.perf_counter()
     reference = subprocess.run(cli(tmp_path / "reference", *settings), cwd=ROOT,
@@ -136,7 +138,7 @@ def test_sigkill_at_random_moments_never_breaks_a_run(tmp_path):
     kills = 0
     for trial in range(3):
         workdir = tmp_path / f"trial{trial}"
-        for _ in range(30):
+        for _ in range(3):
             process = subprocess.Popen(cli(workdir, *settings), cwd=ROOT, text=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
@@ -148,8 +150,9 @@ def test_sigkill_at_random_moments_never_breaks_a_run(tmp_path):
                 continue
             assert process.returncode == 0, process.stderr.read()
             break
-        else:
-            pytest.fail("the run never finished")
+        finished = subprocess.run(cli(workdir, *settings), cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr
         assert lines(workdir) == expected
     assert kills >= 3
 
