@@ -26,7 +26,7 @@ from jaxdist.distributed import (
     joined,
 )
 from jaxdist.errors import UserError
-from jaxdist.preemption import PreemptionWatch
+from jaxdist.preemption import PreemptionWatch, StartupSignals
 
 USAGE_EXIT = 2
 DEBUG_VARIABLE = "JAXDIST_DEBUG"
@@ -144,6 +144,7 @@ def run(argv: list[str] | None = None) -> int:
 
     from jaxdist.train import fit
 
+    StartupSignals.deliver()  # the imports are done
     result = fit(experiment, config, workdir, start_over=args.restart,
                  allow_changes=args.allow_change)
     if not is_primary():
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     if threading.current_thread() is threading.main_thread():
         # Outside the training loop (which saves and exits 0), SIGTERM is an interrupt too.
-        signal.signal(signal.SIGTERM, _interrupt)
+        StartupSignals.install()
     PreemptionWatch.exit_on_second_signal = True  # a command may end at once; a kernel not
     try:
         status = run(argv)
@@ -216,18 +217,6 @@ def _lost_peer(error: BaseException) -> bool:
 def _last_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[-1][:200] if lines else type(error).__name__
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM outside the training loop."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 def _fail(error: BaseException, line: str | None, status: int, debug: bool) -> int:
