@@ -13,6 +13,14 @@ A save writes everything into a `tmp-` folder and renames it to `step_...` only 
 complete, so a process killed at any moment leaves either the new checkpoint whole or no
 trace of it. Deletion renames first, for the same reason. Restore checks the manifest and
 refuses, with a one-line error, a checkpoint whose files were altered, truncated or added.
+
+A state split over the devices (`parallel.shard`) is saved as it lies: each split leaf is a
+global array `[devices * chunk]` (flattened, zero-padded), and each process writes the
+chunks of its own devices (orbax's `ocdbt.process_N/`), so no host ever holds the whole
+state. `meta.json` names the split leaves and the device count they were cut for. A restore
+reads each split leaf into the cut the new run wants: another device count reads other
+ranges of the same flat leaf (orbax cuts or zero-pads the padding at its end), and a run
+that keeps a leaf whole gets it back in its logical shape.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -58,8 +67,46 @@ def _files(folder: Path) -> list[Path]:
 def tree_signature(tree: PyTree) -> dict[str, str]:
     """`{path: "dtype[shape]"}` for every leaf: what must match for a restore to fit."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}"
+    return {jax.tree_util.keystr(path): f"{_dtype(leaf)}{list(np.shape(leaf))}"
             for path, leaf in leaves}
+
+
+def _dtype(x: Any) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _nbytes(tree: PyTree) -> int:
+    """The bytes of every leaf of `tree` (global arrays counted whole, nothing copied)."""
+    return sum(math.prod(np.shape(x)) * _dtype(x).itemsize for x in jax.tree.leaves(tree))
+
+
+class PendingSave:
+    """A checkpoint whose state orbax is writing; `commit()` finishes and publishes it."""
+
+    def __init__(self, store: CheckpointStore, final: Path, tmp: Path | None = None,
+                 meta: dict[str, Any] | None = None, checkpointer: Any = None, size: int = 0):
+        self.store, self.final, self.tmp, self.meta = store, final, tmp, meta
+        self.checkpointer, self.size = checkpointer, size
+
+    def commit(self) -> Path:
+        """Wait for the state's files, add meta and manifest, rename into place (the writer)."""
+        store, tmp = self.store, self.tmp
+        if tmp is None:
+            return self.final
+        try:
+            self.checkpointer.wait_until_finished()
+            if store.writer:
+                store._finish(tmp, self.meta)
+        except Exception as error:
+            if store.writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            cause = _disk_error(error)
+            if cause is None:
+                raise
+            raise store._refuse(self.final, self.size, cause) from None
+        if store.writer:
+            store._publish(tmp, self.final)
+        return self.final
 
 
 class CheckpointStore:
@@ -74,9 +121,13 @@ class CheckpointStore:
         self.writer = writer
         self._best: Any = _UNSCANNED
         me = jax.process_index()
+        # Each process alone: the writer's saves of host state, and every restore.
         self._checkpointer = ocp.StandardCheckpointer(
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=me, active_processes={me}))
+        # All processes together: saves of a state split over every process's devices.
+        self._everyone: ocp.StandardCheckpointer | None = None
+        self._joint_saves = 0
 
     def clean_incomplete(self) -> None:
         """Remove what interrupted saves and deletions left behind (the writer only)."""
@@ -115,34 +166,74 @@ class CheckpointStore:
         between leaves the checkpoint before it as the newest, never a mix of the two).
         A disk that is full or a file-size limit is reported in one line (`UserError`).
         """
+        return self.begin(step, state, meta, replace).commit()
+
+    def begin(self, step: int, state: PyTree, meta: dict[str, Any], replace: bool = False,
+              logical: PyTree = None, split: dict[str, int] | None = None) -> PendingSave:
+        """Start saving the checkpoint of `step`, as `save` does; `commit()` the result.
+
+        Returns once the state is copied off the devices (orbax writes the files in the
+        background), so the caller may then reuse the state's buffers. `split` names the
+        leaves of `state` that are global arrays split over the devices (`{path: devices}`),
+        `logical` gives every leaf's own shape (for the signature). With split leaves in a
+        multi-process run every process must call this: each writes its own chunks.
+        """
         final = self.path(step)
         self.remember(step, meta)
-        if (final.exists() and not replace) or not self.writer:
-            return final
-        self.folder.mkdir(parents=True, exist_ok=True)
-        size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))
-
-        def refuse(cause: str) -> UserError:
-            previous = [s for s in self.steps() if s != step]
-            kept = (f"the previous checkpoint {self.path(previous[-1])} is intact" if previous
-                    else "no earlier checkpoint exists")
-            return UserError(f"could not write checkpoint {final} ({cause}; it needs about "
-                             f"{size / 2**20:.1f} MB); {kept}. Free space (or raise the "
-                             f"limit) and rerun to resume")
-
-        # Checked first, because orbax reports a failed write from several threads at once.
-        cause = _lacking_room(self.folder, size)
-        if cause is not None:
-            raise refuse(cause)
-        tmp = self.folder / f"tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+        split = split or {}
+        jointly = bool(split) and jax.process_count() > 1
+        if (final.exists() and not replace) or not (self.writer or jointly):
+            return PendingSave(self, final)
+        size = _nbytes(state)
+        if self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Checked first, because orbax reports a failed write from several threads at once.
+            cause = _lacking_room(self.folder, size)
+            if cause is not None:
+                raise self._refuse(final, size, cause)
+        if jointly:  # a name every process knows
+            self._joint_saves += 1
+            tmp = self.folder / f"tmp-{final.name}-joint{self._joint_saves}"
+            if self._everyone is None:
+                self._everyone = ocp.StandardCheckpointer()
+            checkpointer = self._everyone
+        else:
+            tmp = self.folder / f"tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+            checkpointer = self._checkpointer
+        meta = {"format": FORMAT, "step": step,
+                "signature": tree_signature(state if logical is None else logical),
+                "split": dict(sorted(split.items())), **meta}
         try:
-            self._write(tmp, step, state, meta)
+            tmp.mkdir(parents=True, exist_ok=True)
+            checkpointer.save(tmp / "state", state)
         except Exception as error:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if self.writer:
+                shutil.rmtree(tmp, ignore_errors=True)
             cause = _disk_error(error)
             if cause is None:
                 raise
-            raise refuse(cause) from None
+            raise self._refuse(final, size, cause) from None
+        return PendingSave(self, final, tmp, meta, checkpointer, size)
+
+    def _refuse(self, final: Path, size: int, cause: str) -> UserError:
+        """The one-line error of a checkpoint that could not be written."""
+        previous = [s for s in self.steps() if self.path(s) != final]
+        kept = (f"the previous checkpoint {self.path(previous[-1])} is intact" if previous
+                else "no earlier checkpoint exists")
+        return UserError(f"could not write checkpoint {final} ({cause}; it needs about "
+                         f"{size / 2**20:.1f} MB); {kept}. Free space (or raise the "
+                         f"limit) and rerun to resume")
+
+    def _finish(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """Add meta.json and the manifest of every file to the written state in `tmp`."""
+        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        manifest = {"format": FORMAT,
+                    "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
+        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True)
+                              + "\n")
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the complete `tmp` to `final` (replacing one there), then prune."""
         if final.exists():
             trash = self.folder / f"trash-{final.name}-{time.time_ns()}"
             os.rename(final, trash)
@@ -152,7 +243,6 @@ class CheckpointStore:
             os.rename(tmp, final)
         _fsync_dir(self.folder)
         self._prune()
-        return final
 
     def remember(self, step: int, meta: dict[str, Any]) -> None:
         """Count the checkpoint of `step` (about to be saved) in the choice of the best one."""
@@ -160,18 +250,6 @@ class CheckpointStore:
         best = self._best_known()
         if score is not None and (best is None or score < best[0]):
             self._best = (score, step)
-
-    def _write(self, tmp: Path, step: int, state: PyTree, meta: dict[str, Any]) -> None:
-        """The checkpoint's files, complete with their manifest, in the folder `tmp`."""
-        tmp.mkdir()
-        self._checkpointer.save(tmp / "state", state)
-        self._checkpointer.wait_until_finished()
-        meta = {"format": FORMAT, "step": step, "signature": tree_signature(state), **meta}
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        manifest = {"format": FORMAT,
-                    "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
-        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True)
-                              + "\n")
 
     def verify(self, step: int) -> dict[str, Any]:
         """Check the manifest of checkpoint `step` and return its meta; refuse a bad one."""
@@ -198,24 +276,46 @@ class CheckpointStore:
                                 f"(altered or truncated); {fix}")
         return json.loads((folder / META).read_text())
 
-    def restore(self, step: int, target: PyTree,
-                meta: dict[str, Any] | None = None) -> tuple[PyTree, dict[str, Any]]:
-        """Check checkpoint `step` fits `target`, and return (state, meta).
+    def restore(self, step: int, target: PyTree, meta: dict[str, Any] | None = None,
+                placed: PyTree = None) -> tuple[PyTree, dict[str, Any]]:
+        """Check checkpoint `step` fits `target` (logical host state), return (state, meta).
 
         Pass the `meta` that `verify(step)` returned to skip verifying a second time.
+        `placed` (a tree like `target`) gives, for a leaf the run keeps split over the
+        devices, the global array it wants (a `jax.ShapeDtypeStruct` with its sharding),
+        and None for the others: a leaf the checkpoint holds split comes back in the cut
+        `placed` asks for, or whole in its logical shape; a leaf it holds whole comes back
+        whole (numpy) for the caller to split.
         """
         meta = self.verify(step) if meta is None else meta
+        where = self.path(step)
         want, have = tree_signature(target), meta["signature"]
         if want != have:
             differences = [f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} "
                            f"now" for key in sorted(set(want) | set(have))
                            if want.get(key) != have.get(key)]
-            raise UserError(f"checkpoint {self.path(step)} does not fit this model/optimizer "
+            raise UserError(f"checkpoint {where} does not fit this model/optimizer "
                             f"({'; '.join(differences[:3])}"
                             f"{'; ...' if len(differences) > 3 else ''}); use the config it was "
                             f"saved with, or a new --workdir")
-        state = self._checkpointer.restore(self.path(step) / "state", target)
-        return state, meta
+        split = meta.get("split") or {}
+        odd = [key for key, devices in split.items()
+               if key not in have or not isinstance(devices, int) or devices < 1]
+        if odd:
+            raise UserError(f"checkpoint {where} names split leaves that its state does not "
+                            f"hold ({odd[0]}): its meta.json is damaged; delete {where} to "
+                            f"resume from the checkpoint before it, or start a new --workdir")
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+        wanted = [None] * len(with_paths) if placed is None else treedef.flatten_up_to(placed)
+        keys = [jax.tree_util.keystr(path) for path, _ in with_paths]
+        asked = [_as_saved(key, leaf, split, want)
+                 for key, (_, leaf), want in zip(keys, with_paths, wanted, strict=True)]
+        restored = self._checkpointer.restore(where / "state", treedef.unflatten(asked),
+                                              strict=not split)
+        leaves = [_as_asked(key, leaf, got, split, want) for key, (_, leaf), got, want
+                  in zip(keys, with_paths, treedef.flatten_up_to(restored), wanted,
+                         strict=True)]
+        return treedef.unflatten(leaves), meta
 
     def best_step(self) -> int | None:
         """The checkpoint with the best `best_metric`, among those that recorded it."""
@@ -267,6 +367,25 @@ class CheckpointStore:
     def close(self) -> None:
         """Release orbax's resources."""
         self._checkpointer.close()
+        if self._everyone is not None:
+            self._everyone.close()
+
+
+def _as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:
+    """What orbax should read a leaf as: the wanted cut, the saved flat leaf, or numpy."""
+    if key not in split:
+        return leaf
+    if want is not None:
+        return want
+    size = math.prod(np.shape(leaf))
+    return np.zeros(split[key] * max(1, -(-size // split[key])), _dtype(leaf))
+
+
+def _as_asked(key: str, leaf: Any, got: Any, split: dict[str, int], want: Any) -> Any:
+    """A restored leaf in the form asked for: a split leaf wanted whole is cut and reshaped."""
+    if key in split and want is None:
+        return np.asarray(got).reshape(-1)[:math.prod(np.shape(leaf))].reshape(np.shape(leaf))
+    return got
 
 
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size "

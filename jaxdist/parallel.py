@@ -150,7 +150,9 @@ class Backend:
         """Put `tree` on the devices: a leaf marked in `sharded` is split, the others copied.
 
         A split leaf comes as host `[devices, chunk]` over all devices of all processes;
-        device i gets row i (its own chunk). The others are replicated.
+        device i gets row i (its own chunk). It may also come as the global array
+        `split_to_global` makes (as restored from a checkpoint), and stays where it is.
+        The others are replicated.
         """
         raise NotImplementedError
 
@@ -160,6 +162,21 @@ class Backend:
         In a multi-process run every process must call it (the rows of other processes'
         devices come by an all-gather between processes).
         """
+        raise NotImplementedError
+
+    def split_sharding(self) -> NamedSharding:
+        """How a split leaf lies as one global array: `[devices * chunk]` along `batch`."""
+        return NamedSharding(self.mesh, P(AXIS))
+
+    def split_to_global(self, x: jax.Array) -> jax.Array:
+        """A placed split leaf as a global `[devices * chunk]` array, on the same devices.
+
+        Each device keeps its own chunk: nothing moves between devices or processes.
+        """
+        raise NotImplementedError
+
+    def split_from_global(self, x: jax.Array) -> jax.Array:
+        """The inverse of `split_to_global`: a global `[devices * chunk]` as `place` lays it."""
         raise NotImplementedError
 
     def replicated_shapes(self, tree: PyTree) -> PyTree:
@@ -293,6 +310,8 @@ class PmapBackend(Backend):
         n, sharding, rows = self.num_devices, self._sharding(), self._local_positions()
 
         def put(split, x):
+            if split and isinstance(x, jax.Array):
+                return self.split_from_global(x)
             x = np.asarray(x)
             return jax.device_put(x[rows] if split else np.broadcast_to(x, (n, *x.shape)),
                                   sharding)
@@ -310,6 +329,21 @@ class PmapBackend(Backend):
             return _all_rows(local, self._local_positions())
 
         return jax.tree.map(get, sharded, tree)
+
+    def split_to_global(self, x: jax.Array) -> jax.Array:
+        """Each device's row `[1, chunk]` becomes its piece of a global `[devices * chunk]`."""
+        chunk = x.shape[1]
+        pieces = [shard.data.reshape(chunk) for shard in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(
+            (len(self.global_devices) * chunk,), self.split_sharding(), pieces)
+
+    def split_from_global(self, x: jax.Array) -> jax.Array:
+        """Each device's piece of a global `[devices * chunk]` becomes its row `[1, chunk]`."""
+        chunk = x.shape[0] // len(self.global_devices)
+        pieces = {shard.device: shard.data for shard in x.addressable_shards}
+        rows = [pieces[device].reshape(1, chunk) for device in self.devices]
+        return jax.make_array_from_single_device_arrays((self.num_devices, chunk),
+                                                        self._sharding(), rows)
 
     def replicated_shapes(self, tree: PyTree) -> PyTree:
         """A leading device axis, split over the devices."""
@@ -414,6 +448,8 @@ class ShardMapBackend(Backend):
         def put(split, x, copy):
             if not split:
                 return copy
+            if isinstance(x, jax.Array):
+                return x
             flat = np.asarray(x).reshape(-1)
             return jax.make_array_from_callback(flat.shape, split_sharding,
                                                 lambda index: flat[index])
@@ -435,6 +471,14 @@ class ShardMapBackend(Backend):
             return _all_rows(local, positions)
 
         return jax.tree.map(get, sharded, tree)
+
+    def split_to_global(self, x: jax.Array) -> jax.Array:
+        """A split leaf already is the global `[devices * chunk]` array."""
+        return x
+
+    def split_from_global(self, x: jax.Array) -> jax.Array:
+        """A split leaf already is the global `[devices * chunk]` array."""
+        return x
 
     def replicated_shapes(self, tree: PyTree) -> PyTree:
         """The leaves' own shapes, replicated over the mesh."""

@@ -25,10 +25,11 @@ there) and is cut off whenever a leaf is put back together. An optimizer's globa
 quantities (clipping's global norm, LAMB's per-leaf trust ratios) are summed over the
 chunks of all devices (`jaxdist.optimizers.build_optimizer(..., across=AXIS)`).
 
-On the host, state is always in its logical form (whole leaves, their own shapes): the
-checkpoints are the same whatever `parallel.shard` and device count saved them, so a run
-may resume with another `parallel.shard` or on another number of devices. `StateLayout`
-converts between the logical form and the split one.
+On the host, state is in its logical form (whole leaves, their own shapes); `StateLayout`
+converts between the logical form and the split one. A checkpoint keeps the split leaves
+split (`StateLayout.checkpoint_form`): each process writes its own devices' chunks, and a
+run may resume with another `parallel.shard` or on another number of devices, each leaf
+read back into the cut the new run wants (`StateLayout.restore_targets`).
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class StateLayout:
         self._chunks = jax.tree.map(
             lambda split, x: Chunks.of(np.shape(x), self.devices) if split else False,
             self.sharded, state)
+        self.logical = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)),
+                                    state)
 
     @property
     def splits_anything(self) -> bool:
@@ -155,11 +158,44 @@ class StateLayout:
             self._chunks, state)
 
     def to_devices(self, backend: Backend, state: PyTree) -> PyTree:
-        """Place a logical host state on the devices, split where the layout says."""
+        """Place a logical host state on the devices, split where the layout says.
+
+        A split leaf may also come as the global array `restore_targets` asks a checkpoint
+        for: it stays on the devices it is on.
+        """
         if not self.splits_anything:
             return backend.replicate(state)
-        host = jax.tree.map(lambda c, x: c.split_host(x) if c else x, self._chunks, state)
+        host = jax.tree.map(
+            lambda c, x: c.split_host(x) if c and not isinstance(x, jax.Array) else x,
+            self._chunks, state)
         return backend.place(host, self.sharded)
+
+    def checkpoint_form(self, backend: Backend, state: PyTree) -> PyTree:
+        """The state on the devices as a checkpoint holds it, nothing joined on a host.
+
+        Each split leaf is a global array `[devices * chunk]` on the devices that hold its
+        chunks (each process writes its own); every other leaf is one host copy (numpy).
+        """
+        if not self.splits_anything:
+            return backend.first_copy(state)
+        whole = backend.first_copy(jax.tree.map(lambda split, x: None if split else x,
+                                                self.sharded, state))
+        return jax.tree.map(lambda split, x, copy: backend.split_to_global(x) if split else copy,
+                            self.sharded, state, whole)
+
+    def split_leaves(self) -> dict[str, int]:
+        """`{path: devices}` of the split leaves, as a checkpoint's meta names them."""
+        with_paths = jax.tree_util.tree_flatten_with_path(self.sharded)[0]
+        return {jax.tree_util.keystr(path): self.devices for path, split in with_paths
+                if split}
+
+    def restore_targets(self, backend: Backend) -> PyTree:
+        """The global array each split leaf is read back as from a checkpoint, else None."""
+        sharding = backend.split_sharding()
+        return jax.tree.map(
+            lambda c, x: jax.ShapeDtypeStruct((self.devices * c.chunk,), x.dtype,
+                                              sharding=sharding) if c else None,
+            self._chunks, self.logical)
 
     def to_host(self, backend: Backend, state: PyTree) -> PyTree:
         """The logical host state (numpy) of a state on the devices in this layout.

@@ -124,7 +124,9 @@ class Start:
     loader: Loader
     tx: Any
     run: RunState
-    host_state: TrainState  # fresh, or restored from the checkpoint (logical: whole leaves)
+    # Fresh, or restored from the checkpoint: logical (whole leaves) on the host, but for
+    # the leaves a checkpoint held split, which come back split on the devices.
+    host_state: TrainState
     layout: StateLayout  # how the state is split over the devices (parallel.shard)
     step: int = 0
     resumed_meta: dict[str, Any] | None = None
@@ -285,7 +287,10 @@ def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) ->
                         f"({'; '.join(conflicts[:3])}); resume with those values, use a new "
                         f"--workdir, or allow the change with --allow-change KEY")
     start.run.check_resumable(saved.meta, where)
-    start.host_state, meta = start.store.restore(saved.step, start.host_state, saved.meta)
+    start.host_state, meta = start.store.restore(
+        saved.step, start.host_state, saved.meta,
+        placed=start.layout.restore_targets(start.backend) if start.layout.splits_anything
+        else None)
     start.run.restore(meta)
     start.run.checkpoint = where
     start.step, start.resumed_meta = saved.step, meta

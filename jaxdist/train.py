@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdist.agreement import agree, require_same_config
@@ -198,13 +199,16 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
         run.sync(step)
         started = time.perf_counter()
         with host_reads():
-            host = layout.to_host(backend, state)
-        if not _all_finite(host.params):
+            form = layout.checkpoint_form(backend, state)
+            finite = _all_finite(form.params)
+        if not finite:
             logger.say(f"step {step}: no checkpoint saved, the parameters are not finite")
             return
         finish_saving()
-        writer.save(step, host, run.meta(loader_state, eval_values, reason),
-                    committed(step, time.perf_counter() - started))
+        with host_reads():
+            writer.save(step, form, run.meta(loader_state, eval_values, reason),
+                        committed(step, time.perf_counter() - started), logical=layout.logical,
+                        split=layout.split_leaves())
         saving.append(step)
         if last:
             finish_saving()
@@ -285,9 +289,18 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
 
 
 def _all_finite(tree: PyTree) -> bool:
-    """Whether every float leaf of a host tree is finite."""
-    return all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
-               if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+    """Whether every float leaf of a tree of host and global arrays is finite.
+
+    A global array (split over the devices of every process) is checked where it lies,
+    by every process alike.
+    """
+    return all(bool(_finite(leaf)) if isinstance(leaf, jax.Array) else np.isfinite(leaf).all()
+               for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact))
+
+
+@jax.jit
+def _finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
 
 
 def evaluate(backend: Backend, eval_step: Any, state: TrainState, data: Any,

@@ -11,7 +11,7 @@ import pytest
 from toy import mlp_experiment, toy_config
 
 from jaxdist import fit
-from jaxdist.checkpoint import CheckpointStore
+from jaxdist.checkpoint import CheckpointStore, PendingSave
 from jaxdist.metrics import MetricWindow
 from jaxdist.saving import CheckpointWriter, host_copy
 
@@ -62,7 +62,7 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch, b
     """A save of step 2 waits to see step 4 dispatched: only the background one can."""
     later_step = threading.Event()
     seen = {}
-    original_save = CheckpointStore.save
+    original_commit = PendingSave.commit
     original_add = MetricWindow.add
     steps = {"count": 0}
 
@@ -72,13 +72,13 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch, b
             later_step.set()
         original_add(self, sums)
 
-    def slow_save(self, step, state, meta, replace=False):
-        if step == 2:
+    def slow_commit(self):
+        if self.final.name == "step_00000002":
             seen["overlapped"] = later_step.wait(timeout=3 if background else 1)
-        return original_save(self, step, state, meta, replace)
+        return original_commit(self)
 
     monkeypatch.setattr(MetricWindow, "add", counting_add)
-    monkeypatch.setattr(CheckpointStore, "save", slow_save)
+    monkeypatch.setattr(PendingSave, "commit", slow_commit)
     config = _config(background)
     config.train.eval_every = 0
     result = fit(mlp_experiment(), config, tmp_path, stream=None)

@@ -248,6 +248,56 @@ def test_a_run_resumes_with_another_split_and_device_count_exactly(tmp_path, fir
                 np.testing.assert_allclose(x[key], y[key], rtol=1e-5, err_msg=key)
 
 
+def test_a_checkpoint_holds_the_split_state_as_chunks_never_joined_on_the_host(
+        tmp_path, monkeypatch):
+    from jaxdist.checkpoint import CheckpointStore
+    from jaxdist.parallel import Backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the split state was joined on the host")
+
+    config = apply_overrides(digits.tiny_config(), ["train.steps=4", "parallel.shard=params",
+                                                    "train.checkpoint_every=2"])
+    with monkeypatch.context() as patch:  # saving must not read the whole split state back
+        for backend in (type(make_backend("pmap")), type(make_backend("shard_map"))):
+            patch.setattr(backend, "to_host", refuse)
+        patch.setattr(Backend, "to_host", refuse)
+        result = fit(digits.build(config), config, tmp_path / "run", stream=None)
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    meta = store.verify(4)
+    logical = jax.tree_util.tree_flatten_with_path(result.params)[0]
+    assert set(meta["split"]) >= {f".params{jax.tree_util.keystr(p)}" for p, _ in logical}
+    assert set(meta["split"].values()) == {8}
+    raw = store._checkpointer.restore(store.path(4) / "state")  # as written: flat chunks
+    for path, whole in logical:
+        cut = Chunks.of(whole.shape, 8)
+        flat = np.asarray(functools.reduce(lambda t, k: t[k.key], path, raw["params"]))
+        assert flat.shape == (8 * cut.chunk,)
+        np.testing.assert_array_equal(flat, cut.split_host(whole).reshape(-1))
+    # A tool that wants the logical state back (jaxdist.restore) gets it whole.
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), result.layout.logical)
+    restored, _ = store.restore(4, target)
+    store.close()
+    for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(result.params),
+                    strict=True):
+        assert isinstance(x, np.ndarray)
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_checkpoint_whose_meta_names_a_foreign_split_leaf_is_refused_in_one_line(tmp_path):
+    from jaxdist.checkpoint import CheckpointStore
+    from jaxdist.errors import UserError
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state = {"w": np.arange(6.0, dtype=np.float32)}
+    pending = store.begin(1, state, {"eval": None}, split={"['v']": 8})
+    pending.commit()
+    with pytest.raises(UserError, match=r"split leaves .*\['v'\].* damaged") as error:
+        store.restore(1, state)
+    assert "\n" not in str(error.value)
+    store.close()
+
+
 def test_an_unknown_shard_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "jaxdist.run", "digits_cnn",
                              "parallel.shard=zero3", "--workdir", str(tmp_path)],
@@ -273,6 +323,8 @@ def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path
                      "--workdir", str(tmp_path / "two"))
         assert two.returncode == 0, two.stderr[-2000:]
     assert "resumed from" in two.stdout
+    state = next((tmp_path / "two" / "checkpoints").glob("step_*")) / "state"
+    assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
     one = single(*settings, "parallel.shard=none", "train.steps=20",
                  "--workdir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
