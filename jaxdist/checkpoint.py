@@ -25,6 +25,7 @@ that keeps a leaf whole gets it back in its logical shape.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -33,6 +34,7 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +95,10 @@ class PendingSave:
         store, tmp = self.store, self.tmp
         if tmp is None:
             return self.final
-        try:
+        with store._failures_of(self.final, tmp, self.size):
             self.checkpointer.wait_until_finished()
             if store.writer:
                 store._finish(tmp, self.meta)
-        except Exception as error:
-            if store.writer:
-                shutil.rmtree(tmp, ignore_errors=True)
-            cause = _disk_error(error)
-            if cause is None:
-                raise
-            raise store._refuse(self.final, self.size, cause) from None
         if store.writer:
             store._publish(tmp, self.final)
         return self.final
@@ -203,9 +198,16 @@ class CheckpointStore:
         meta = {"format": FORMAT, "step": step,
                 "signature": tree_signature(state if logical is None else logical),
                 "split": dict(sorted(split.items())), **meta}
-        try:
+        with self._failures_of(final, tmp, size):
             tmp.mkdir(parents=True, exist_ok=True)
             checkpointer.save(tmp / "state", state)
+        return PendingSave(self, final, tmp, meta, checkpointer, size)
+
+    @contextlib.contextmanager
+    def _failures_of(self, final: Path, tmp: Path, size: int) -> Iterator[None]:
+        """A write that fails leaves no `tmp`; a full disk or a limit becomes one line."""
+        try:
+            yield
         except Exception as error:
             if self.writer:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +215,6 @@ class CheckpointStore:
             if cause is None:
                 raise
             raise self._refuse(final, size, cause) from None
-        return PendingSave(self, final, tmp, meta, checkpointer, size)
 
     def _refuse(self, final: Path, size: int, cause: str) -> UserError:
         """The one-line error of a checkpoint that could not be written."""
