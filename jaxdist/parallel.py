@@ -4,17 +4,21 @@ Both backends take the very same per-device function `step(state, batch)`, in wh
 is one device's copy of the replicated training state and `batch` is that device's slice of
 the global batch, with collectives over the axis named `batch`.
 
-- `PmapBackend`: `jax.pmap(step, axis_name="batch")`. Replicated values carry a leading axis
-  of length `num_devices`; a global batch `[B, ...]` is reshaped to `[devices, B/devices, ...]`.
-- `ShardMapBackend`: `jax.jit(jax.shard_map(step, mesh, in_specs=(P(), P("batch"))))` on a 1-D
-  mesh. Replicated values keep their own shape; a global batch `[B, ...]` is split along its
-  first axis.
+- `PmapBackend` (`jaxdist/pmap_backend.py`): `jax.pmap(step, axis_name="batch")`.
+  Replicated values carry a leading axis of length `num_devices`; a global batch `[B, ...]`
+  is reshaped to `[devices, B/devices, ...]`.
+- `ShardMapBackend` (`jaxdist/shard_map_backend.py`): `jax.jit(jax.shard_map(step, mesh,
+  in_specs=(P(), P("batch"))))` on a 1-D mesh. Replicated values keep their own shape; a
+  global batch `[B, ...]` is split along its first axis.
 
 Every output of a step must be the same on every device (a `psum`/`pmean`, or computed from
 such values only). shard_map checks this by type (`check_vma=True`): a value computed from
 one device's rows alone is "varying", and jaxdist refuses it with one line that names it.
 pmap does not track this, so the pmap backend runs the same check by tracing the step once
 under shard_map (no compute) before its first call.
+
+This module holds what both share: the `Backend` interface, the replication checks, and
+`make_backend`.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def require_same_on_every_device(tree: PyTree, name: str) -> None:
             f"BatchNorm, jaxdist.models.batchnorm.CrossReplicaBatchNorm)")
 
 
-def _replicated_step(step: StepFn, sharded: PyTree = None) -> StepFn:
+def replicated_step(step: StepFn, sharded: PyTree = None) -> StepFn:
     """`step`, refusing outputs that may differ across devices (checked while tracing).
 
     `sharded` (a tree of bools over the state) names the state's leaves that are split
@@ -107,7 +111,7 @@ def state_specs(sharded: PyTree) -> PyTree:
     return jax.tree.map(lambda split: P(AXIS) if split else P(), sharded)
 
 
-def _specs(sharded: PyTree, returns_state: bool) -> tuple[Any, Any]:
+def step_specs(sharded: PyTree, returns_state: bool) -> tuple[Any, Any]:
     """in_specs and out_specs of a step over (state, batch)."""
     if sharded is None:
         return (P(), P(AXIS)), P()
@@ -228,8 +232,8 @@ class Backend:
 
     def _trace_global(self, step: StepFn, state: PyTree, batch: PyTree,
                       sharded: PyTree = None, returns_state: bool = True) -> PyTree:
-        in_specs, out_specs = _specs(sharded, returns_state)
-        mapped = jax.shard_map(_replicated_step(step, sharded), mesh=self.mesh,
+        in_specs, out_specs = step_specs(sharded, returns_state)
+        mapped = jax.shard_map(replicated_step(step, sharded), mesh=self.mesh,
                                in_specs=in_specs, out_specs=out_specs, check_vma=True)
         return jax.eval_shape(mapped, state, batch)
 
@@ -285,273 +289,8 @@ class Backend:
         return jax.tree.unflatten(treedef, host)
 
 
-class PmapBackend(Backend):
-    """`jax.pmap` over the selected devices of all processes, fed per process."""
-
-    name = "pmap"
-
-    def _sharding(self) -> NamedSharding:
-        # pmap takes this process's values, one row per local device.
-        return NamedSharding(self.local_mesh, P(AXIS))
-
-    def replicate(self, tree: PyTree) -> PyTree:
-        """Stack one copy per device along a new leading axis and place copy i on device i."""
-        n = self.num_devices
-        sharding = self._sharding()
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
-
-        return jax.tree.map(put, tree)
-
-    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A leading device axis: copies of a replicated leaf, this process's rows of a split."""
-        n, sharding, rows = self.num_devices, self._sharding(), self._local_positions()
-
-        def put(split, x):
-            if split and isinstance(x, jax.Array):
-                return self.split_from_global(x)
-            x = np.asarray(x)
-            return jax.device_put(x[rows] if split else np.broadcast_to(x, (n, *x.shape)),
-                                  sharding)
-
-        return jax.tree.map(put, sharded, tree)
-
-    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """Every device's row of a split leaf (all processes'), the first copy of the others."""
-
-        def get(split, x):
-            if not split:
-                return np.asarray(x.addressable_shards[0].data)[0]
-            local = np.stack([np.asarray(s.data)[0] for s in
-                              sorted(x.addressable_shards, key=lambda s: s.index[0].start)])
-            return _all_rows(local, self._local_positions())
-
-        return jax.tree.map(get, sharded, tree)
-
-    def split_to_global(self, x: jax.Array) -> jax.Array:
-        """Each device's row `[1, chunk]` becomes its piece of a global `[devices * chunk]`."""
-        chunk = x.shape[1]
-        pieces = [shard.data.reshape(chunk) for shard in x.addressable_shards]
-        return jax.make_array_from_single_device_arrays(
-            (len(self.global_devices) * chunk,), self.split_sharding(), pieces)
-
-    def split_from_global(self, x: jax.Array) -> jax.Array:
-        """Each device's piece of a global `[devices * chunk]` becomes its row `[1, chunk]`."""
-        chunk = x.shape[0] // len(self.global_devices)
-        pieces = {shard.device: shard.data for shard in x.addressable_shards}
-        rows = [pieces[device].reshape(1, chunk) for device in self.devices]
-        return jax.make_array_from_single_device_arrays((self.num_devices, chunk),
-                                                        self._sharding(), rows)
-
-    def replicated_shapes(self, tree: PyTree) -> PyTree:
-        """A leading device axis, split over the devices."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *np.shape(x)), _dtype(x),
-                                                           sharding=sharding), tree)
-
-    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A leading device axis: this process's rows of a split leaf, copies of the others."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
-            (n, *np.shape(x)[1:]) if split else (n, *np.shape(x)), _dtype(x),
-            sharding=sharding), sharded, tree)
-
-    def batch_shapes(self, batch: PyTree) -> PyTree:
-        """`[devices, B / devices, ...]`, split over the devices."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            (n, np.shape(x)[0] // n, *np.shape(x)[1:]), _dtype(x), sharding=sharding), batch)
-
-    def put_batch(self, batch: PyTree) -> PyTree:
-        """Reshape each `[B, ...]` leaf to `[devices, B / devices, ...]` and place it."""
-        n = self.num_devices
-        sharding = self._sharding()
-
-        return jax.tree.map(
-            lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
-
-    def compile(self, step: StepFn, donate_state: bool = True,
-                traced: bool = False, sharded: PyTree = None) -> StepFn:
-        """`jax.pmap` with axis name `batch`, donating the state buffers.
-
-        Before the first call (unless `traced`), the step is traced once under shard_map on
-        the same devices (no compute), which refuses an output that may differ across
-        devices. A split leaf needs nothing else: under pmap, each device's row is its own.
-        """
-        mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
-                          donate_argnums=(0,) if donate_state else ())
-        if traced:
-            return mapped
-        first_call = True
-
-        def run(state: PyTree, batch: PyTree) -> PyTree:
-            nonlocal first_call
-            if first_call:
-                processes = len(self.global_devices) // self.num_devices
-                self._trace_global(step, *_per_device_shapes(state, batch, processes,
-                                                             sharded), sharded, donate_state)
-                first_call = False
-            return mapped(state, batch)
-
-        run.lower = mapped.lower  # type: ignore[attr-defined]
-        return run
-
-    def compile_per_example(self, fn: StepFn) -> StepFn:
-        """`jax.pmap`: each device's outputs come back as row i of a leading device axis."""
-        return jax.pmap(fn, axis_name=AXIS, devices=self.global_devices)
-
-    def examples_to_host(self, tree: PyTree) -> PyTree:
-        """Merge the device axis into the example axis."""
-        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
-
-    def device_copies(self, tree: PyTree) -> list[PyTree]:
-        """Row i of every leaf is device i's copy."""
-        host = jax.device_get(tree)
-        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], host)
-                for i in range(self.num_devices)]
-
-    def first_copy(self, tree: PyTree) -> PyTree:
-        """Read only the first device's shard of every leaf."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
-        """Device 0's row `[1, ...]` of the leading device axis; a copy is `x.shape[1:]`."""
-        return x.addressable_shards[0].data, x.shape[1:]
-
-
-class ShardMapBackend(Backend):
-    """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected devices of all processes."""
-
-    name = "shard_map"
-
-    def replicate(self, tree: PyTree) -> PyTree:
-        """Place a full copy of every leaf on each device of the (global) mesh.
-
-        Every process passes the same values and places them on its own devices.
-        """
-        sharding = NamedSharding(self.mesh, P())
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-        return jax.tree.map(put, tree)
-
-    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A split leaf `[devices, chunk]` as a global `[devices * chunk]` split along `batch`."""
-        split_sharding = NamedSharding(self.mesh, P(AXIS))
-        replicated = self.replicate(jax.tree.map(lambda split, x: None if split else x,
-                                                 sharded, tree))
-
-        def put(split, x, copy):
-            if not split:
-                return copy
-            if isinstance(x, jax.Array):
-                return x
-            flat = np.asarray(x).reshape(-1)
-            return jax.make_array_from_callback(flat.shape, split_sharding,
-                                                lambda index: flat[index])
-
-        return jax.tree.map(put, sharded, tree, replicated, is_leaf=lambda x: x is None)
-
-    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A split leaf read back as `[devices, chunk]` (from every process), others one copy."""
-        devices = len(self.global_devices)
-
-        def get(split, x):
-            if not split:
-                return np.asarray(x.addressable_shards[0].data)
-            if x.is_fully_addressable:
-                return np.asarray(x).reshape(devices, -1)
-            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
-            local = np.stack([np.asarray(s.data) for s in shards])
-            positions = [s.index[0].start // local.shape[1] for s in shards]
-            return _all_rows(local, positions)
-
-        return jax.tree.map(get, sharded, tree)
-
-    def split_to_global(self, x: jax.Array) -> jax.Array:
-        """A split leaf already is the global `[devices * chunk]` array."""
-        return x
-
-    def split_from_global(self, x: jax.Array) -> jax.Array:
-        """A split leaf already is the global `[devices * chunk]` array."""
-        return x
-
-    def replicated_shapes(self, tree: PyTree) -> PyTree:
-        """The leaves' own shapes, replicated over the mesh."""
-        sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x),
-                                                           sharding=sharding), tree)
-
-    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A split leaf `[devices, chunk]` as `[devices * chunk]` along `batch`; others whole."""
-        split_sharding = NamedSharding(self.mesh, P(AXIS))
-        replicated = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
-            (int(np.prod(np.shape(x))),), _dtype(x), sharding=split_sharding) if split else
-            jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=replicated), sharded, tree)
-
-    def batch_shapes(self, batch: PyTree) -> PyTree:
-        """The global batch (every process's slice), split along its first axis."""
-        processes = len(self.global_devices) // self.num_devices
-        sharding = NamedSharding(self.mesh, P(AXIS))
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            (np.shape(x)[0] * processes, *np.shape(x)[1:]), _dtype(x), sharding=sharding),
-            batch)
-
-    def put_batch(self, batch: PyTree) -> PyTree:
-        """Split this process's slice (leaves `[B / processes, ...]`) over its devices.
-
-        The result is the global `[B, ...]` array of the mesh, each process holding its rows.
-        """
-        sharding = NamedSharding(self.mesh, P(AXIS))
-
-        def put(x):
-            x = np.asarray(x)
-            split_leading_axis(x, self.num_devices)  # only to check the size
-            return jax.make_array_from_process_local_data(sharding, x)
-
-        return jax.tree.map(put, batch)
-
-    def compile(self, step: StepFn, donate_state: bool = True,
-                traced: bool = False, sharded: PyTree = None) -> StepFn:
-        """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch.
-
-        Replication is checked while compiling (`check_vma=True`); `traced` changes nothing.
-        A split leaf of the state (`sharded`) is `P(batch)` in and out.
-        """
-        in_specs, out_specs = _specs(sharded, donate_state)
-        mapped = jax.shard_map(_replicated_step(step, sharded), mesh=self.mesh,
-                               in_specs=in_specs, out_specs=out_specs, check_vma=True)
-        return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
-
-    def compile_per_example(self, fn: StepFn) -> StepFn:
-        """`jax.jit(jax.shard_map(...))` with the outputs split along `batch` like the input."""
-        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
-                                     out_specs=P(AXIS), check_vma=True))
-
-    def examples_to_host(self, tree: PyTree) -> PyTree:
-        """The global arrays, read whole."""
-        return jax.tree.map(np.asarray, tree)
-
-    def device_copies(self, tree: PyTree) -> list[PyTree]:
-        """Shard i of every replicated leaf is device i's copy."""
-        return [jax.tree.map(lambda x, i=i: np.asarray(x.addressable_shards[i].data), tree)
-                for i in range(self.num_devices)]
-
-    def first_copy(self, tree: PyTree) -> PyTree:
-        """Read only the first device's copy of every leaf."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
-
-    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
-        """The first device's (whole) copy."""
-        return x.addressable_shards[0].data, x.shape
-
-
-def _dtype(x: Any) -> np.dtype:
+def leaf_dtype(x: Any) -> np.dtype:
+    """The dtype of an array, a shape struct or anything numpy can read."""
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
@@ -561,27 +300,7 @@ def _concatenate(arrays: list[jax.Array]) -> jax.Array:
     return jax.numpy.concatenate([a.reshape(-1) for a in arrays])
 
 
-def _per_device_shapes(state: PyTree, batch: PyTree, processes: int,
-                       sharded: PyTree = None) -> tuple[PyTree, PyTree]:
-    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch.
-
-    A split leaf of the state (`sharded`), rows `[local devices, chunk]`, is seen whole:
-    `[devices * chunk]`.
-    """
-    def one_copy(x):
-        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-
-    def whole(x):
-        return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
-                                    x.dtype)
-
-    if sharded is None:
-        return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
-    return (jax.tree.map(lambda split, x: whole(x) if split else one_copy(x), sharded, state),
-            jax.tree.map(whole, batch))
-
-
-def _all_rows(local: np.ndarray, positions: list[int]) -> np.ndarray:
+def all_rows(local: np.ndarray, positions: list[int]) -> np.ndarray:
     """Every process's rows `[devices, ...]` of a split leaf, from this process's `local`.
 
     `positions` are the global rows of `local`'s rows. With one process that is all of
@@ -600,7 +319,7 @@ def _all_rows(local: np.ndarray, positions: list[int]) -> np.ndarray:
     return out
 
 
-BACKENDS: dict[str, type[Backend]] = {"pmap": PmapBackend, "shard_map": ShardMapBackend}
+BACKENDS = ("pmap", "shard_map")
 
 
 def make_backend(name: str, num_devices: int = 0) -> Backend:
@@ -608,4 +327,10 @@ def make_backend(name: str, num_devices: int = 0) -> Backend:
     if name not in BACKENDS:
         raise UserError(f"parallel.backend={name} is unknown; choose one of: "
                         f"{', '.join(BACKENDS)}")
-    return BACKENDS[name](select_devices(num_devices))
+    if name == "pmap":
+        from jaxdist.pmap_backend import PmapBackend
+
+        return PmapBackend(select_devices(num_devices))
+    from jaxdist.shard_map_backend import ShardMapBackend
+
+    return ShardMapBackend(select_devices(num_devices))

@@ -33,7 +33,8 @@ from jaxdist.config import Config, apply_overrides
 from jaxdist.dispatch import InFlightLimit
 from jaxdist.experiment import Experiment
 from jaxdist.optimizers import build_optimizer
-from jaxdist.parallel import AXIS, PmapBackend
+from jaxdist.parallel import AXIS
+from jaxdist.pmap_backend import PmapBackend
 from jaxdist.start import prepare_run, train_step_fn
 from jaxdist.step import make_train_step
 
