@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 
 from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
+from jaxdist.parallel import leaf_dtype
 
 PyTree = Any
 FORMAT = "jaxdist-checkpoint-1"
@@ -69,17 +70,13 @@ def _files(folder: Path) -> list[Path]:
 def tree_signature(tree: PyTree) -> dict[str, str]:
     """`{path: "dtype[shape]"}` for every leaf: what must match for a restore to fit."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): f"{_dtype(leaf)}{list(np.shape(leaf))}"
+    return {jax.tree_util.keystr(path): f"{leaf_dtype(leaf)}{list(np.shape(leaf))}"
             for path, leaf in leaves}
-
-
-def _dtype(x: Any) -> np.dtype:
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _nbytes(tree: PyTree) -> int:
     """The bytes of every leaf of `tree` (global arrays counted whole, nothing copied)."""
-    return sum(math.prod(np.shape(x)) * _dtype(x).itemsize for x in jax.tree.leaves(tree))
+    return sum(math.prod(np.shape(x)) * leaf_dtype(x).itemsize for x in jax.tree.leaves(tree))
 
 
 class PendingSave:
@@ -379,7 +376,7 @@ def _as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:
     if want is not None:
         return want
     size = math.prod(np.shape(leaf))
-    return np.zeros(split[key] * max(1, -(-size // split[key])), _dtype(leaf))
+    return np.zeros(split[key] * max(1, -(-size // split[key])), leaf_dtype(leaf))
 
 
 def _as_asked(key: str, leaf: Any, got: Any, split: dict[str, int], want: Any) -> Any:

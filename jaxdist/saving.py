@@ -59,7 +59,6 @@ class CheckpointWriter:
         its writing took. Once this returns, the caller may reuse the state's buffers.
         """
         self.wait()
-        self.store.remember(step, meta)  # the best checkpoint is decided in step order
         started = time.perf_counter()
         if self.background:
             state = host_copy(state)

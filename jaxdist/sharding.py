@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UserError
-from jaxdist.parallel import AXIS, Backend, varying_axes
+from jaxdist.parallel import AXIS, Backend, leaf_dtype, varying_axes
 
 PyTree = Any
 SHARDS = ("none", "optimizer", "gradients", "params")
@@ -103,7 +103,7 @@ class Chunks:
 
     def split_host(self, x: np.ndarray) -> np.ndarray:
         """A whole host leaf as `[devices, chunk]`, zero-padded."""
-        flat = np.zeros(self.devices * self.chunk, _dtype(x))
+        flat = np.zeros(self.devices * self.chunk, leaf_dtype(x))
         flat[:self.size] = np.asarray(x).reshape(-1)
         return flat.reshape(self.devices, self.chunk)
 
@@ -137,7 +137,7 @@ class StateLayout:
         self._chunks = jax.tree.map(
             lambda split, x: Chunks.of(np.shape(x), self.devices) if split else False,
             self.sharded, state)
-        self.logical = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)),
+        self.logical = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x)),
                                     state)
 
     @property
@@ -153,8 +153,8 @@ class StateLayout:
     def split_shapes(self, state: PyTree) -> PyTree:
         """The shapes of `state` as `to_devices` gets it: `[devices, chunk]` where split."""
         return jax.tree.map(
-            lambda c, x: jax.ShapeDtypeStruct((self.devices, c.chunk), _dtype(x))
-            if c else jax.ShapeDtypeStruct(np.shape(x), _dtype(x)),
+            lambda c, x: jax.ShapeDtypeStruct((self.devices, c.chunk), leaf_dtype(x))
+            if c else jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x)),
             self._chunks, state)
 
     def to_devices(self, backend: Backend, state: PyTree) -> PyTree:
@@ -346,10 +346,6 @@ def gather_where_used(tree: PyTree, like: PyTree) -> PyTree:
                         tree, like)
 
 
-def _dtype(x: Any) -> np.dtype:
-    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
 def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:
     """Which leaves of `tx.init(params)` follow the parameters (and are split with them).
 
@@ -366,7 +362,7 @@ def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:
 
     devices = backend.mesh.size
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        (Chunks.of(np.shape(x), devices).chunk * devices,), _dtype(x)), params)
+        (Chunks.of(np.shape(x), devices).chunk * devices,), leaf_dtype(x)), params)
     mapped = jax.shard_map(probe, mesh=backend.mesh, in_specs=P(AXIS), out_specs=P(),
                            check_vma=True)
     structure = jax.eval_shape(mapped, shapes)

@@ -289,8 +289,7 @@ def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) ->
     start.run.check_resumable(saved.meta, where)
     start.host_state, meta = start.store.restore(
         saved.step, start.host_state, saved.meta,
-        placed=start.layout.restore_targets(start.backend) if start.layout.splits_anything
-        else None)
+        placed=start.layout.restore_targets(start.backend))
     start.run.restore(meta)
     start.run.checkpoint = where
     start.step, start.resumed_meta = saved.step, meta
