@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import leaf_dtype
+from jaxdist.schema import Each, check, load_json
 
 PyTree = Any
 FORMAT = "jaxdist-checkpoint-1"
@@ -52,6 +53,22 @@ PREFIX = "step_"
 MANIFEST = "manifest.json"
 META = "meta.json"
 _UNSCANNED = object()
+
+NUMBER_OR_NULL = (float, None)
+MANIFEST_SHAPE = {"format": str, "files": Each(str)}
+# What a resumed run reads of meta.json (a tool restoring the state needs only the first
+# four; `RunState.meta` writes the rest).
+STATE_META_SHAPE = {"format": str, "step": int, "signature": Each(str), "split": Each(int)}
+RUN_META_SHAPE = {
+    **STATE_META_SHAPE,
+    "config": dict, "identity": dict, "devices": int, "stop_reason": str,
+    "loader": {"epoch": int, "index": int},
+    "window": {"totals": Each(float), "steps": int},
+    "early_stopping": {"best": NUMBER_OR_NULL, "best_step": (int, None),
+                       "bad_evaluations": int},
+    "nonfinite": {"run": int},
+    "eval": (None, Each(NUMBER_OR_NULL)),
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -249,19 +266,24 @@ class CheckpointStore:
         if score is not None and (best is None or score < best[0]):
             self._best = (score, step)
 
-    def verify(self, step: int) -> dict[str, Any]:
-        """Check the manifest of checkpoint `step` and return its meta; refuse a bad one."""
+    def verify(self, step: int, shape: Any = STATE_META_SHAPE) -> dict[str, Any]:
+        """Check the manifest of checkpoint `step` and return its meta; refuse a bad one.
+
+        The meta must have `shape` (`RUN_META_SHAPE` for a run that resumes from it) and
+        hold the step the folder's name says: a renamed checkpoint is refused.
+        """
         folder = self.path(step)
         fix = (f"delete {folder} to resume from the checkpoint before it, or start a new "
                f"--workdir")
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError):
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
             raise UserError(f"checkpoint {folder} has no readable {MANIFEST}: it is damaged "
-                            f"or not a jaxdist checkpoint; {fix}") from None
+                            f"or not a jaxdist checkpoint; {fix}")
+        manifest = load_json(manifest_path, dict, fix, f"checkpoint {folder}'s {MANIFEST}")
         if manifest.get("format") != FORMAT:
             raise UserError(f"checkpoint {folder} is not a {FORMAT} checkpoint; {fix}")
-        listed = manifest.get("files", {})
+        listed = check(manifest, MANIFEST_SHAPE, f"checkpoint {folder}'s {MANIFEST}",
+                       fix)["files"]
         present = {str(p.relative_to(folder)): p for p in _files(folder)}
         for name in sorted(set(listed) | set(present)):
             if name not in present:
@@ -272,7 +294,12 @@ class CheckpointStore:
             if sha256_file(present[name]) != listed[name]:
                 raise UserError(f"checkpoint {folder} file {name} does not match its sha256 "
                                 f"(altered or truncated); {fix}")
-        return json.loads((folder / META).read_text())
+        meta = load_json(folder / META, shape, fix, f"checkpoint {folder}'s {META}")
+        if meta["step"] != step:
+            raise UserError(f"checkpoint {folder} holds step {meta['step']}, not the step its "
+                            f"name says: the folder was renamed. Rename it back to "
+                            f"{PREFIX}{meta['step']:08d}, or {fix}")
+        return meta
 
     def restore(self, step: int, target: PyTree, meta: dict[str, Any] | None = None,
                 placed: PyTree = None) -> tuple[PyTree, dict[str, Any]]:
@@ -308,12 +335,31 @@ class CheckpointStore:
         keys = [jax.tree_util.keystr(path) for path, _ in with_paths]
         asked = [_as_saved(key, leaf, split, want)
                  for key, (_, leaf), want in zip(keys, with_paths, wanted, strict=True)]
-        restored = self._checkpointer.restore(where / "state", treedef.unflatten(asked),
-                                              strict=not split)
+        try:
+            restored = self._checkpointer.restore(where / "state", treedef.unflatten(asked),
+                                                  strict=not split)
+        except Exception as error:  # the files verified: meta.json and the state disagree
+            last = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+            raise UserError(f"checkpoint {where}'s state does not match its meta.json "
+                            f"({last}); delete {where} to resume from the checkpoint before "
+                            f"it, or start a new --workdir") from None
         leaves = [_as_asked(key, leaf, got, split, want) for key, (_, leaf), got, want
                   in zip(keys, with_paths, treedef.flatten_up_to(restored), wanted,
                          strict=True)]
-        return treedef.unflatten(leaves), meta
+        for key, (_, leaf), got, want in zip(keys, with_paths, leaves, wanted, strict=True):
+            expected = want.shape if key in split and want is not None else np.shape(leaf)
+            if np.shape(got) != tuple(expected):
+                raise UserError(f"checkpoint {where}'s state does not match its meta.json "
+                                f"({key} holds shape {list(np.shape(got))}, the meta says "
+                                f"{list(expected)}); delete {where} to resume from the "
+                                f"checkpoint before it, or start a new --workdir")
+        state = treedef.unflatten(leaves)
+        held = _state_step(state)
+        if held is not None and held != step:
+            raise UserError(f"checkpoint {where} says step {step} in its name and meta.json, "
+                            f"but its state is at step {held}: it was altered; delete {where} "
+                            f"to resume from the checkpoint before it, or start a new --workdir")
+        return state, meta
 
     def best_step(self) -> int | None:
         """The checkpoint with the best `best_metric`, among those that recorded it."""
@@ -329,7 +375,7 @@ class CheckpointStore:
     def _score(self, eval_values: dict[str, float] | None) -> float | None:
         """The best metric of `eval_values`, negated under `max`: lower is better."""
         value = (eval_values or {}).get(self.best_metric) if self.best_metric else None
-        if value is None or np.isnan(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or np.isnan(value):
             return None
         return float(value) if self.best_mode == "min" else -float(value)
 
@@ -342,9 +388,12 @@ class CheckpointStore:
             for step in self.steps():
                 try:
                     meta = json.loads((self.path(step) / META).read_text())
-                except (OSError, ValueError):
+                except (OSError, ValueError, RecursionError):
                     continue
-                score = self._score(meta.get("eval"))
+                if not isinstance(meta, dict) or meta.get("step") != step:
+                    continue  # damaged or renamed: refused if it is ever restored
+                evaluation = meta.get("eval")
+                score = self._score(evaluation) if isinstance(evaluation, dict) else None
                 if score is not None:
                     scored.append((score, step))
             self._best = min(scored) if scored else None
@@ -367,6 +416,14 @@ class CheckpointStore:
         self._checkpointer.close()
         if self._everyone is not None:
             self._everyone.close()
+
+
+def _state_step(state: PyTree) -> int | None:
+    """The step a restored state holds (a TrainState's `step`, or a `"step"` entry)."""
+    step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+    if step is None or np.ndim(step) != 0:
+        return None
+    return int(np.asarray(step))
 
 
 def _as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:

@@ -20,6 +20,7 @@ from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import Backend
 from jaxdist.progress import Progress
+from jaxdist.schema import Each, check, parse_json, read_text
 from jaxdist.step import LOSS_SUM, NONFINITE, WEIGHT_SUM
 
 METRICS_FILE = "metrics.jsonl"
@@ -121,6 +122,34 @@ def from_json_line(line: str) -> dict[str, Any]:
             for name, value in json.loads(line).items()}
 
 
+RECORD_SHAPE = {"step": int, "split": str}
+
+
+def read_records(path: Path, fix: str) -> list[dict[str, Any]]:
+    """The logged points of a `metrics.jsonl` (null read back as NaN).
+
+    A last line cut short (no newline: a crash while it was written) is dropped; any other
+    line that is not a logged point is refused with one line naming it and `fix`.
+    """
+    lines = read_text(path, fix).split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        what = f"{path} line {number}"
+        try:
+            record = check(parse_json(line, what, fix), RECORD_SHAPE, what, fix)
+            values = {k: v for k, v in record.items() if k not in RECORD_SHAPE}
+            check(values, Each((float, None)), what, fix)
+        except UserError:
+            if number == len(lines):  # the text after the last newline: torn by a crash
+                continue
+            raise
+        records.append({name: math.nan if value is None else value
+                        for name, value in record.items()})
+    return records
+
+
 class MetricsLogger:
     """Writes logged points to `metrics.jsonl` and TensorBoard (with a workdir) and the console.
 
@@ -147,15 +176,16 @@ class MetricsLogger:
         drops the points a crashed run logged after `step`, as `metrics.jsonl` does.
         """
         kept = []
-        if self.path is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = from_json_line(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if record.get("step", math.inf) <= step:
-                    kept.append(record)
-            write_text_atomically(self.path, "".join(to_json_line(r) for r in kept))
+        if self.path is not None and (self.path.exists() or self.path.is_symlink()):
+            fix = ("repair or remove it (the checkpoints hold the run), or start over with "
+                   "--restart")
+            kept = [r for r in read_records(self.path, fix) if r["step"] <= step]
+            try:
+                write_text_atomically(self.path, "".join(to_json_line(r) for r in kept))
+            except OSError as error:
+                raise UserError(f"could not rewrite {self.path} from the checkpoint's step "
+                                f"{step} ({error.strerror}); it is intact, as are the "
+                                f"checkpoints: free space and rerun the same command") from None
         self.records = kept
         if self.workdir is not None:
             from tensorboardX import SummaryWriter

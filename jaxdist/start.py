@@ -9,7 +9,6 @@ run the processes can agree on its outcome (`jaxdist.agreement.agree`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import jax
 
-from jaxdist.checkpoint import CheckpointStore
+from jaxdist.checkpoint import RUN_META_SHAPE, CheckpointStore
 from jaxdist.config import Config, resume_conflicts, to_dict
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
 from jaxdist.distributed import is_primary
@@ -27,6 +26,7 @@ from jaxdist.identity import data_fingerprint, identity_differences
 from jaxdist.metrics import MetricWindow
 from jaxdist.optimizers import build_optimizer, fix_schedule_horizon
 from jaxdist.parallel import AXIS, Backend, make_backend
+from jaxdist.schema import load_json
 from jaxdist.sharding import StateLayout, check_shard
 from jaxdist.step import NONFINITE, WEIGHT_SUM, TrainState, make_eval_step, make_train_step
 from jaxdist.stopping import EarlyStopping, NonfiniteGuard
@@ -250,20 +250,12 @@ def _saved_run(store: CheckpointStore, workdir: Path) -> SavedRun | None:
     store.best_step()  # read the checkpoints' metrics now, while no process writes
     step = store.latest()
     if step is not None:
-        meta = store.verify(step)
+        meta = store.verify(step, RUN_META_SHAPE)
         return SavedRun(meta["config"], step, meta)
     saved = workdir / "config.json"
-    if not saved.exists():
+    if not (saved.exists() or saved.is_symlink()):
         return None
-    try:
-        config = json.loads(saved.read_text())
-    except ValueError as error:
-        raise UserError(f"{saved} is not valid JSON ({error.msg} at line {error.lineno}); "
-                        f"restore it, or start over with --restart") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{saved} does not hold a config (a JSON object); restore it, or "
-                        f"start over with --restart")
-    return SavedRun(config)
+    return SavedRun(load_json(saved, dict, "restore it, or start over with --restart"))
 
 
 def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) -> None:
