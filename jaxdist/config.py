@@ -135,18 +135,23 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-# The key of `config.json` that names the experiment (how to load it again), beside the config.
+# The keys of `config.json` that name the experiment (how to load it again) and, for an
+# experiment file, the sha256 of the file that trained the run, beside the config.
 EXPERIMENT_KEY = "experiment"
+EXPERIMENT_DIGEST_KEY = "experiment_sha256"
 
 
-def to_json(config: Config, experiment: str = "") -> str:
+def to_json(config: Config, experiment: str = "", digest: str | None = None) -> str:
     """Return the config as indented JSON, the form saved to `config.json`.
 
-    `experiment` (a bundled name or a file path) is saved beside it under "experiment".
+    `experiment` (a bundled name or a file path) is saved beside it under "experiment",
+    and `digest` (the sha256 of an experiment file) under "experiment_sha256".
     """
     data = to_dict(config)
     if experiment:
         data[EXPERIMENT_KEY] = experiment
+    if digest:
+        data[EXPERIMENT_DIGEST_KEY] = digest
     return json.dumps(data, indent=2, sort_keys=True)
 
 
@@ -325,7 +330,7 @@ def resume_conflicts(saved: Mapping[str, Any], current: Config,
     conflicts = []
     for key in sorted(set(old) | set(new)):
         if (key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed
-                or key == EXPERIMENT_KEY):  # the experiment's identity is checked apart
+                or key in (EXPERIMENT_KEY, EXPERIMENT_DIGEST_KEY)):  # checked apart
             continue
         if key not in old and new.get(key) == _default(current, key):
             continue  # a key added since that run was saved, at its default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -45,7 +46,7 @@ def list_experiments() -> dict[str, str]:
 
 def load_experiment(name: str) -> ModuleType:
     """Import the experiment `name` (or the file at that path) and check its interface."""
-    if name.endswith(".py"):
+    if is_file_reference(name):
         module = _load_file(Path(name))
     else:
         known = list_experiments()
@@ -79,9 +80,21 @@ def name_experiment(built: Experiment, experiment: str) -> Experiment:
     if not built.name:
         built.name = Path(experiment).stem
     if not built.source:
-        built.source = (str(Path(experiment).resolve()) if experiment.endswith(".py")
+        built.source = (str(Path(experiment).resolve()) if is_file_reference(experiment)
                         else experiment)
     return built
+
+
+def is_file_reference(experiment: str) -> bool:
+    """Whether `experiment` names a `.py` file (to run it is to run its code) or a bundled one."""
+    return experiment.endswith(".py")
+
+
+def file_digest(experiment: str) -> str | None:
+    """The sha256 of the experiment file `experiment`, or None for a bundled name."""
+    if not is_file_reference(experiment):
+        return None
+    return hashlib.sha256(Path(experiment).read_bytes()).hexdigest()
 
 
 def _load_file(path: Path) -> ModuleType:

@@ -7,17 +7,17 @@ without training it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from jaxdist.checkpoint import CheckpointStore
-from jaxdist.config import EXPERIMENT_KEY, Config, from_dict
-from jaxdist.discovery import load_experiment, name_experiment
+from jaxdist.config import EXPERIMENT_DIGEST_KEY, EXPERIMENT_KEY, Config, from_dict
+from jaxdist.discovery import file_digest, is_file_reference, load_experiment, name_experiment
 from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
 from jaxdist.optimizers import build_optimizer
+from jaxdist.schema import check, load_json
 from jaxdist.start import initial_state
 from jaxdist.step import TrainState
 
@@ -43,23 +43,31 @@ class RestoredRun:
         return self.state.model_state
 
 
-def restore_run(workdir: Path, checkpoint: Literal["newest", "best"] = "newest") -> RestoredRun:
-    """Read `workdir`'s experiment, config and `checkpoint` back (one line if it cannot)."""
+def restore_run(workdir: Path, checkpoint: Literal["newest", "best"] = "newest",
+                experiment: str | None = None, trust_workdir: bool = False) -> RestoredRun:
+    """Read `workdir`'s experiment, config and `checkpoint` back (one line if it cannot).
+
+    A workdir is data: the experiment its `config.json` names is loaded only if it is a
+    bundled one. An experiment file runs only when the caller names it (`experiment`, a
+    name or a path, the user's own choice), or with `trust_workdir` when the file at the
+    recorded path still has the sha256 recorded when the run was trained.
+    """
     workdir = Path(workdir)
     path = workdir / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} holds no config.json; give the --workdir of a jaxdist run")
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as error:
-        raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-    source = saved.get(EXPERIMENT_KEY) if isinstance(saved, dict) else None
-    if not source:
-        raise UserError(f"{path} does not name its experiment (a run written before "
-                        f"2026-11-27); train it again with python -m jaxdist.run")
+    saved = load_json(path, dict, "give the --workdir of a jaxdist run")
+    source = experiment
+    if source is None:
+        if EXPERIMENT_KEY not in saved:
+            raise UserError(f"{path} does not name its experiment (a run written before "
+                            f"2026-11-27); name it with --experiment NAME_OR_PATH")
+        check(saved, {EXPERIMENT_KEY: str}, str(path), "give the --workdir of a jaxdist run")
+        source = trusted_source(path, saved[EXPERIMENT_KEY], saved.get(EXPERIMENT_DIGEST_KEY),
+                                trust_workdir)
     module = load_experiment(source)
     config = from_dict(module.config(), saved)
-    experiment = name_experiment(module.build(config), source)
+    built = name_experiment(module.build(config), source)
     c = config.checkpoint
     store = CheckpointStore(workdir / "checkpoints", c.keep, c.best_metric, c.best_mode,
                             writer=False)
@@ -70,8 +78,35 @@ def restore_run(workdir: Path, checkpoint: Literal["newest", "best"] = "newest")
                 f"no checkpoint with an eval {c.best_metric} (the best one)")
             raise UserError(f"{workdir} holds {what} yet; train it first (python -m "
                             f"jaxdist.run {source} --workdir {workdir})")
-        template = initial_state(experiment, config, build_optimizer(config.optimizer))
+        template = initial_state(built, config, build_optimizer(config.optimizer))
         state, _ = store.restore(step, template)
     finally:
         store.close()
-    return RestoredRun(experiment, config, state, step, store.path(step))
+    return RestoredRun(built, config, state, step, store.path(step))
+
+
+def trusted_source(config_path: Path, recorded: str, digest: Any, trust: bool) -> str:
+    """The experiment a workdir's `config.json` names, if loading it runs no stranger's code.
+
+    A bundled name is loaded from `experiments/`; a file only with `trust` and a matching
+    recorded sha256.
+    """
+    if not is_file_reference(recorded):
+        return recorded
+    advice = (f"jaxdist does not run code that a workdir names; to run that file, name it "
+              f"yourself with --experiment {recorded}")
+    if not trust:
+        raise UserError(f"{config_path} names the experiment file {recorded}: {advice} (or "
+                        f"pass --trust-workdir if you trust whoever wrote this workdir)")
+    try:
+        found = file_digest(recorded)
+    except OSError as error:
+        raise UserError(f"{config_path} names the experiment file {recorded}, which cannot be "
+                        f"read ({error.strerror}); give the experiment with --experiment "
+                        f"PATH") from None
+    if not isinstance(digest, str) or found != digest:
+        why = ("has no sha256 recorded for it" if not isinstance(digest, str) else
+               "records another sha256 for it: the file changed since the run was trained")
+        raise UserError(f"{config_path} names the experiment file {recorded} but {why}; "
+                        f"{advice}")
+    return recorded

@@ -28,6 +28,7 @@ from jaxdist.agreement import agree, require_same_config
 from jaxdist.compile_cache import FirstStepTimer
 from jaxdist.config import Config, flatten, to_dict, to_json
 from jaxdist.data import DevicePrefetcher, eval_batches
+from jaxdist.discovery import file_digest
 from jaxdist.dispatch import InFlightLimit, host_reads
 from jaxdist.distributed import any_process, barrier, is_primary
 from jaxdist.experiment import Experiment
@@ -126,8 +127,9 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     if workdir is not None:
         barrier("resume-read")  # every process has read config.json before it is replaced
         if primary:
+            source = experiment.source or experiment.name
             write_text_atomically(workdir / "config.json", to_json(
-                config, experiment.source or experiment.name) + "\n")
+                config, source, _digest_or_none(source)) + "\n")
     layout = start.layout
     state = layout.to_devices(backend, start.host_state)
     has_eval = experiment.eval_data is not None
@@ -286,6 +288,14 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     return TrainResult(state, backend, config, logger.records, loader_state, step, stop_reason,
                        signal_name=watch.signal_name, checkpoint=run.checkpoint,
                        layout=layout)
+
+
+def _digest_or_none(source: str) -> str | None:
+    """The sha256 of the experiment file `source` (None: a bundled name, or unreadable)."""
+    try:
+        return file_digest(source)
+    except OSError:
+        return None
 
 
 def _all_finite(tree: PyTree) -> bool:
