@@ -18,6 +18,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
+def nonempty_path(text: str) -> Path:
+    """An argparse type: a path that is not empty or blank (`""` would mean this folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path; give a folder")
+    return Path(text)
+
+
 def print_paths(write: Callable[[], Iterable[Path]]) -> int:
     """Print each path `write()` returns and return 0; or its `UserError` in one line, 2."""
     try:

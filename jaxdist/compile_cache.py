@@ -41,6 +41,8 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
     Every program is cached however quickly it compiled, so that a CPU run caches too.
     `path="off"` turns nothing on and returns None. Call before the first compile.
     """
+    if path is not None and not str(path).strip():
+        raise UserError("the compilation cache folder is empty; give a folder, or off")
     if path is None:
         folder = default_cache_dir()
     elif str(path) == OFF:

@@ -254,8 +254,55 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
+def _type_errors(node: Any, prefix: str = "") -> list[str]:
+    """One message per leaf whose value does not have its field's type (a Literal's choices).
+
+    The command line parses values by type; this catches a config changed in Python or read
+    from a file, on every path into a run.
+    """
+    found = []
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.extend(_type_errors(value, key + "."))
+        elif f.name in hints and not _has_type(value, hints[f.name]):
+            found.append(f"{key}={value!r} is not {_type_words(hints[f.name])}")
+    return found
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # a type the command line cannot set either: the experiment's own business
+
+
+def _type_words(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "allowed; choose one of: " + ", ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(option).removeprefix("a ").removeprefix("an ")
+                           for option in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "none"}.get(hint, str(hint))
+
+
 def validate(config: Config) -> None:
-    """Check values that have a valid type but an impossible meaning."""
+    """Check that every value has its type, and values that have one but make no sense."""
+    for bad in _type_errors(config)[:1]:
+        raise UserError(bad)
     for bad in _non_finite_floats(config)[:1]:
         raise UserError(f"{bad} must be a finite number")
     t, o, p, d = config.train, config.optimizer, config.parallel, config.loader
@@ -322,11 +369,7 @@ def resume_conflicts(saved: Mapping[str, Any], current: Config,
     rate after a run diverged).
     """
     old, new = flatten(saved), flatten(to_dict(current))
-    known = set(leaf_keys(current)) | set(old)
-    for key in allowed:
-        if key not in known:
-            raise UserError(_unknown_key_message(current, key).replace(
-                "unknown config key", "--allow-change names an unknown config key"))
+    check_allowed_changes(current, allowed, set(old))
     conflicts = []
     for key in sorted(set(old) | set(new)):
         if (key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS or key in allowed
@@ -338,6 +381,16 @@ def resume_conflicts(saved: Mapping[str, Any], current: Config,
             conflicts.append(f"{key}={old.get(key, '(absent)')} there, "
                              f"{new.get(key, '(absent)')} now")
     return conflicts
+
+
+def check_allowed_changes(config: Config, allowed: Sequence[str],
+                          saved_keys: set[str] = frozenset()) -> None:
+    """Refuse an `--allow-change` key that is not a key of `config` (nor of a saved one)."""
+    known = set(leaf_keys(config)) | saved_keys
+    for key in allowed:
+        if key not in known:
+            raise UserError(_unknown_key_message(config, key).replace(
+                "unknown config key", "--allow-change names an unknown config key"))
 
 
 def _default(config: Config, key: str) -> Any:

@@ -6,7 +6,6 @@ logged points to `metrics.jsonl`, TensorBoard event files and the console.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -20,10 +19,9 @@ from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import Backend
 from jaxdist.progress import Progress
-from jaxdist.schema import Each, check, parse_json, read_text
+from jaxdist.records import METRICS_FILE, read_records, to_json_line
 from jaxdist.step import LOSS_SUM, NONFINITE, WEIGHT_SUM
 
-METRICS_FILE = "metrics.jsonl"
 # Values that vary from run to run on the same inputs: shown on the console and in
 # TensorBoard only, so that metrics.jsonl is a reproducible record.
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec")
@@ -107,47 +105,6 @@ def in_order(values: dict[str, float]) -> dict[str, float]:
         return (1, name)
 
     return {name: values[name] for name in sorted(values, key=rank)}
-
-
-def to_json_line(record: dict[str, Any]) -> str:
-    """One strict-JSON line: a non-finite value is written as null."""
-    finite = {name: (None if isinstance(value, float) and not math.isfinite(value) else value)
-              for name, value in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
-
-
-def from_json_line(line: str) -> dict[str, Any]:
-    """A record from `to_json_line`: null reads back as NaN."""
-    return {name: math.nan if value is None else value
-            for name, value in json.loads(line).items()}
-
-
-RECORD_SHAPE = {"step": int, "split": str}
-
-
-def read_records(path: Path, fix: str) -> list[dict[str, Any]]:
-    """The logged points of a `metrics.jsonl` (null read back as NaN).
-
-    A last line cut short (no newline: a crash while it was written) is dropped; any other
-    line that is not a logged point is refused with one line naming it and `fix`.
-    """
-    lines = read_text(path, fix).split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        what = f"{path} line {number}"
-        try:
-            record = check(parse_json(line, what, fix), RECORD_SHAPE, what, fix)
-            values = {k: v for k, v in record.items() if k not in RECORD_SHAPE}
-            check(values, Each((float, None)), what, fix)
-        except UserError:
-            if number == len(lines):  # the text after the last newline: torn by a crash
-                continue
-            raise
-        records.append({name: math.nan if value is None else value
-                        for name, value in record.items()})
-    return records
 
 
 class MetricsLogger:

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from jaxdist.cli import OneLineParser
+from jaxdist.cli import OneLineParser, nonempty_path
 from jaxdist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DistributedSettings,
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show this help; after an EXPERIMENT, also its keys, types and "
                              "defaults")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-    parser.add_argument("--workdir", type=Path,
+    parser.add_argument("--workdir", type=nonempty_path,
                         help="where to write config.json, metrics.jsonl and checkpoints; a "
                              "workdir that holds a checkpoint is resumed "
                              "(default: a new folder under runs/)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                         help="let KEY differ from the checkpoint's value on resume (e.g. "
                              "optimizer.learning_rate after a run diverged); repeatable")
-    parser.add_argument("--compilation-cache", metavar="DIR|off",
+    parser.add_argument("--compilation-cache", metavar="DIR|off", type=nonempty_path,
                         help="keep compiled steps here, so that a resumed run does not "
                              "compile again (default: $JAXDIST_COMPILATION_CACHE, else "
                              "~/.cache/jaxdist/xla; off: no cache)")

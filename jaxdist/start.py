@@ -10,14 +10,14 @@ run the processes can agree on its outcome (`jaxdist.agreement.agree`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from jaxdist.checkpoint import RUN_META_SHAPE, CheckpointStore
-from jaxdist.config import Config, resume_conflicts, to_dict
+from jaxdist.config import Config, check_allowed_changes, resume_conflicts, to_dict, validate
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
 from jaxdist.distributed import is_primary
 from jaxdist.errors import UserError
@@ -63,17 +63,19 @@ class RunState:
 
     def _nonfinite_message(self, step: int) -> str:
         skipped = " and were skipped" if self.config.train.skip_nonfinite else ""
+        data = ("check the data for NaN/inf (and, for a cross-entropy loss, for labels "
+                "outside the model's classes, which give NaN)")
         if self.checkpoint is None:
             return (f"{self.guard.run} steps in a row (up to step {step}) had a non-finite "
                     f"loss or gradient{skipped}; no checkpoint was saved. Lower "
-                    f"optimizer.learning_rate, check the data for NaN/inf, or raise "
-                    f"train.max_nonfinite, and start again")
+                    f"optimizer.learning_rate, {data}, or raise train.max_nonfinite, and "
+                    f"start again")
         return (f"{self.guard.run} steps in a row (up to step {step}) had a non-finite loss "
                 f"or gradient{skipped}; the newest checkpoint, {self.checkpoint}, is intact "
                 f"(no checkpoint is written from non-finite parameters). To continue from "
                 f"it with a lower rate, rerun with optimizer.learning_rate=LOWER "
                 f"--allow-change optimizer.learning_rate (fit(..., allow_changes=...)); or "
-                f"check the data for NaN/inf, or raise train.max_nonfinite")
+                f"{data}, or raise train.max_nonfinite")
 
     def meta(self, loader_state: dict, eval_values: dict | None, stop_reason: str) -> dict:
         """Everything but the TrainState that a resumed run needs (JSON-able)."""
@@ -133,6 +135,7 @@ class Start:
     workdir: Path | None = None
     store: CheckpointStore | None = None
     lock: WorkdirLock | None = None
+    removed: list[str] = field(default_factory=list)  # what --restart removed
 
 
 def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, start_over: bool,
@@ -141,6 +144,8 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
 
     The caller releases `Start.lock` (and closes `Start.store`) when the run ends.
     """
+    validate(config)  # a config changed in Python after `load` meets the CLI's checks
+    check_allowed_changes(config, allow_changes)
     t = config.train
     if t.precision != experiment.precision:
         raise UserError(f"train.precision={t.precision}, but the experiment's model computes "
@@ -165,7 +170,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
                         f"examples each device gets per step; choose a divisor of "
                         f"{per_device} or change train.batch_size")
     identity = {"experiment": experiment.name, "train_data": data_fingerprint(loader.source)}
-    lock, store, saved = None, None, None
+    lock, store, saved, removed = None, None, None, []
     if workdir is not None:
         workdir = prepare_workdir(workdir)
         if is_primary():  # process 0 alone writes, so it alone holds the lock
@@ -174,7 +179,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
     try:
         if workdir is not None:
             if start_over and lock is not None:
-                restart(workdir)
+                removed = restart(workdir)
             c = config.checkpoint
             store = CheckpointStore(workdir / "checkpoints", c.keep, c.best_metric,
                                     c.best_mode, writer=is_primary())
@@ -186,7 +191,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         host_state = initial_state(experiment, config, tx)
         layout = StateLayout(config.parallel.shard, host_state, tx, backend)
         start = Start(config, backend, loader, tx, run, host_state, layout, workdir=workdir,
-                      store=store, lock=lock)
+                      store=store, lock=lock, removed=removed)
         _check_steps(experiment, start)
         if saved is not None:
             _check_saved(start, saved, allow_changes)

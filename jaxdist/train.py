@@ -31,6 +31,7 @@ from jaxdist.data import DevicePrefetcher, eval_batches
 from jaxdist.discovery import file_digest
 from jaxdist.dispatch import InFlightLimit, host_reads
 from jaxdist.distributed import any_process, barrier, is_primary
+from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
 from jaxdist.files import write_text_atomically
 from jaxdist.metrics import TIMING_KEYS, MetricsLogger, MetricWindow
@@ -99,6 +100,9 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
     `allow_changes` names config keys (e.g. `optimizer.learning_rate`) that may differ from
     the checkpoint's on resume; every other difference is refused.
     """
+    if isinstance(workdir, str) and not workdir.strip():
+        raise UserError(f"the workdir {workdir!r} is empty; give a folder (a new one for a new "
+                        f"run)")
     with host_reads():  # start-up reads and writes device values freely
         start = agree("start", lambda: prepare_run(experiment, config, workdir, start_over,
                                                    allow_changes),
@@ -122,6 +126,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                            total_steps=t.steps)
     step, meta = start.step, start.resumed_meta
     logger.resume_at(step)
+    if start.removed:
+        logger.say(f"--restart removed {', '.join(start.removed)} from {workdir}")
     if meta is not None:
         logger.say(f"resumed from {run.checkpoint}")
     if workdir is not None:

@@ -14,6 +14,7 @@ then not silently shortened.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -23,11 +24,20 @@ from pathlib import Path
 
 from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
+from jaxdist.records import read_records
+from jaxdist.schema import load_json
 
 LOCK = "lock"
 SAVED = "saved.json"
-# What --restart removes: everything a run writes.
-RUN_FILES = ("metrics.jsonl", "config.json", SAVED, "checkpoints", "tensorboard", "plots")
+# What --restart removes: everything a run (and its tools) write, each recognised by its
+# content or the names inside it, so that a file jaxdist did not write is never removed.
+RUN_FILES = ("metrics.jsonl", "config.json", SAVED)
+RUN_FOLDERS = {  # a folder: the patterns of the names directly inside it
+    "checkpoints": ("step_*", "tmp-*", "trash-*"),
+    "tensorboard": ("events.out.tfevents.*",),
+    "plots": ("*.png",),
+    "explain": ("attributions.npz", "attributions.png"),
+}
 
 
 def prepare_workdir(path: Path) -> Path:
@@ -96,14 +106,59 @@ class WorkdirLock:
         self.release()
 
 
-def restart(workdir: Path) -> None:
-    """Remove everything an earlier run wrote in `workdir` (hold its lock first)."""
-    for name in RUN_FILES:
-        target = Path(workdir) / name
-        if target.is_dir():
+def restart(workdir: Path) -> list[str]:
+    """Remove what an earlier run wrote in `workdir` (hold its lock first); return what.
+
+    Each file and folder is first recognised as a run's own (a config.json or log of the
+    form jaxdist writes, a folder holding only the names a run puts there); if any is not,
+    nothing is removed and the restart is refused in one line naming it.
+    """
+    workdir = Path(workdir)
+    found = [name for name in (*RUN_FILES, *RUN_FOLDERS)
+             if (workdir / name).exists() or (workdir / name).is_symlink()]
+    for name in found:
+        why = _not_a_run_file(workdir / name)
+        if why is not None:
+            raise UserError(f"--restart removes only what a jaxdist run wrote, and "
+                            f"{workdir / name} {why}; move it away yourself, or use another "
+                            f"--workdir")
+    removed = []
+    for name in found:
+        target = workdir / name
+        if name in RUN_FOLDERS:
+            count = sum(1 for _ in target.iterdir())
             shutil.rmtree(target)
-        elif target.exists():
+            removed.append(f"{name}/ ({count} {'entry' if count == 1 else 'entries'})")
+        else:
             target.unlink()
+            removed.append(name)
+    return removed
+
+
+def _not_a_run_file(path: Path) -> str | None:
+    """Why `path` is not a file or folder that a run wrote (None when it is one)."""
+    if path.is_symlink():
+        return f"is a symbolic link (to {os.readlink(path)}), which no run makes"
+    if path.name in RUN_FOLDERS:
+        if not path.is_dir():
+            return "is not a folder"
+        patterns = RUN_FOLDERS[path.name]
+        for entry in sorted(path.iterdir()):
+            if entry.is_symlink() or not any(fnmatch.fnmatch(entry.name, p) for p in patterns):
+                return f"holds {entry.name}, which no run writes there"
+        return None
+    if not path.is_file():
+        return "is not a file"
+    try:
+        if path.name == "metrics.jsonl":
+            read_records(path, "")
+        elif path.name == "config.json":
+            load_json(path, {"train": dict, "optimizer": dict, "parallel": dict}, "")
+        else:
+            load_json(path, {"newest_checkpoint": int}, "")
+    except UserError:
+        return "does not hold what a jaxdist run writes there"
+    return None
 
 
 def newest_saved_step(workdir: Path) -> int | None:

@@ -2,10 +2,8 @@
 every path into `fit`."""
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -104,3 +102,114 @@ def test_a_config_json_whose_experiment_is_not_a_bundled_name_is_one_line(file_r
     (copy / "config.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="experiment"):
         restore_run(copy)
+
+
+# Item 3 (and 17): empty paths are refused; --restart removes only a run's own files.
+
+@pytest.mark.parametrize("flag", ["--workdir", "--compilation-cache"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_path_is_refused_before_anything_is_touched(tmp_path, flag, value):
+    (tmp_path / "config.json").write_text('{"mine": true}\n')
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "figure.png").write_bytes(b"png")
+    workdir = [] if flag == "--workdir" else ["--workdir", str(tmp_path / "run")]
+    result = run_cli("linear_regression", flag, value, *workdir, "--restart", "train.steps=2",
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "empty path" in one_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "plots"]
+    assert (tmp_path / "plots" / "figure.png").exists()
+
+
+def test_fit_refuses_an_empty_workdir(tmp_path):
+    with pytest.raises(UserError, match="is empty; give a folder"):
+        fit(mlp_experiment(), toy_config(steps=1), "", stream=None)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda w: (w / "config.json").write_text('{"mine": true}\n'),
+     "config.json does not hold what a jaxdist run writes"),
+    (lambda w: (w / "metrics.jsonl").write_text("my notes\n"),
+     "metrics.jsonl does not hold what a jaxdist run writes"),
+    (lambda w: ((w / "plots").mkdir(), (w / "plots" / "notes.txt").write_text("mine")),
+     "plots holds notes.txt, which no run writes there"),
+    (lambda w: ((w.parent / "elsewhere").mkdir(), (w / "plots").symlink_to(w.parent /
+                                                                          "elsewhere")),
+     "plots is a symbolic link"),
+    (lambda w: (w / "checkpoints").write_text("not a folder"), "checkpoints is not a folder"),
+])
+def test_restart_refuses_to_remove_what_no_run_wrote(tmp_path, make, words):
+    workdir = tmp_path / "run"
+    fit(mlp_experiment(), toy_config(steps=2), workdir, stream=None)
+    for name in ("config.json", "metrics.jsonl", "plots", "checkpoints"):
+        target = workdir / name
+        if name in ("plots", "checkpoints") and target.is_dir():
+            subprocess.run(["rm", "-r", str(target)], check=True, timeout=30)
+        elif target.exists() and name in words:
+            target.unlink()
+    make(workdir)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=f"--restart removes only what a jaxdist run wrote.*"
+                                        f"{words}"):
+        fit(mlp_experiment(), toy_config(steps=2), workdir, stream=None, start_over=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_restart_says_what_it_removes(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    fit(mlp_experiment(), toy_config(steps=2), workdir, stream=None)
+    (workdir / "notes.txt").write_text("a file of the user's, beside the run")
+    fit(mlp_experiment(), toy_config(steps=2), workdir, sys.stdout, start_over=True)
+    said = capsys.readouterr().out
+    assert "--restart removed metrics.jsonl, config.json, saved.json, checkpoints/ (1 entry), " \
+           "tensorboard/ (1 entry) from" in said
+    assert (workdir / "notes.txt").exists()
+
+
+# Item 16: every path into fit meets the command line's checks.
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: setattr(c.train, "log_every", 0), "train.log_every=0 must be > 0"),
+    (lambda c: setattr(c.optimizer, "name", "adamm"),
+     "optimizer.name='adamm' is not allowed; choose one of: sgd"),
+    (lambda c: setattr(c.train, "steps", "10"), "train.steps='10' is not an integer"),
+    (lambda c: setattr(c.parallel, "backend", "gpu"), "parallel.backend='gpu' is not allowed"),
+])
+def test_a_config_changed_after_load_is_validated_by_fit(tmp_path, change, words):
+    experiment, config = jaxdist.load("linear_regression", ["train.steps=2"])
+    change(config)
+    with pytest.raises(UserError, match=words):
+        fit(experiment, config, tmp_path / "run", stream=None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# Item 17: silently ignored or misleading.
+
+def test_an_allow_change_key_that_does_not_exist_is_refused_on_a_fresh_run(tmp_path):
+    with pytest.raises(UserError, match="--allow-change names an unknown config key "
+                                        "'optimizer.learning_rat'; did you mean "
+                                        "optimizer.learning_rate"):
+        fit(mlp_experiment(), toy_config(steps=2), tmp_path, stream=None,
+            allow_changes=["optimizer.learning_rat"])
+
+
+def test_the_nonfinite_message_names_labels_out_of_range_for_a_classifier(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    data = {"x": np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32),
+            "label": np.full(32, 7, np.int32)}  # a 3-class model
+
+    def loss_fn(params, batch, rng):
+        logits = batch["x"] @ params["w"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
+
+    experiment = jaxdist.Experiment(init_params=lambda rng: {"w": jnp.zeros((4, 3))},
+                                    loss_fn=loss_fn, train_data=data)
+    config = toy_config(steps=20)
+    config.train.max_nonfinite = 3
+    del jax
+    with pytest.raises(UserError, match="labels outside the model's classes"):
+        fit(experiment, config, tmp_path, stream=None)
