@@ -5,12 +5,14 @@ and output embeddings. The text is `data.path` (a file, or every file under a fo
 by default, the top-level `.py` files of the standard library of the Python running it
 (about 4.7 MB on Python 3.11; real text that is always there). The last 5% of the bytes
 are held out. Reported: loss (nats per byte) and `bits_per_byte` on train and held-out.
-`data.tokens=PATH` reads GPT-2 token files instead, memory-mapped: nanoGPT's headerless
-uint16 `.bin` or llm.c's shards (told apart by llm.c's header), one file or a folder of
-`*.bin` whose files with `val` in their name are held out (without one, the last 5% of
-the tokens); set `model.vocab_size` to cover them (50257 for GPT-2). The loss is then
-in nats per token and the metric is `bits_per_token`; `scripts/make_tokens.py` writes a
-synthetic file.
+`data.tokens=PATH` reads GPT-2 token files instead, window by window (`os.pread`, not a
+memory map, so a file truncated while training stops the run in one line): nanoGPT's
+headerless uint16 `.bin` or llm.c's shards (told apart by llm.c's header), one file or a
+folder of `*.bin` whose files named `val.bin`, `*_val.bin`, `val_N.bin` or `*_val_N.bin`
+(N: digits) are held out (without one, the last 5% of the tokens); `build` prints which
+files are held out. Set `model.vocab_size` to cover the tokens (50257 for GPT-2). The loss
+is then in nats per token and the metric is `bits_per_token`; `scripts/make_tokens.py`
+writes a synthetic file.
 
 Sizes (`model.size`): `tiny` (2 layers, width 128, 128-byte context) for the CPU; `small`;
 `gpt2` (12 layers, width 768, 12 heads, 1024-byte context: GPT-2 small's shape; with a
@@ -44,11 +46,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
-from jaxdist.data.tokens import token_windows
+from jaxdist.data.tokens import describe_split, token_windows
 from jaxdist.errors import UserError
 from jaxdist.losses import chunked_cross_entropy, cross_entropy
 from jaxdist.models.gpt import GPT, SIZES, check_attention
@@ -98,31 +101,77 @@ def tiny_config() -> Config:
         "data.max_bytes=100000", "optimizer.warmup_steps=0"])
 
 
-def build(config: Config) -> Experiment:
-    """The GPT, the byte windows of the text, and the next-byte loss."""
-    m, d = config.model, config.data
+def check_model(m: GPTModelConfig, tokens: bool) -> None:
+    """Refuse model values that cannot build a model, each in one line naming its key."""
     if m.size not in SIZES:
         raise UserError(f"model.size={m.size} is unknown; choose one of: {', '.join(SIZES)}")
-    size = SIZES[m.size]
-    if d.path and d.tokens:
-        raise UserError(f"data.path={d.path} and data.tokens={d.tokens} are both given; give "
-                        f"one (data.path: text read as bytes, data.tokens: token files)")
-    if not 0 <= d.window <= size.seq_len:
-        raise UserError(f"data.window={d.window} is outside the model's context of "
-                        f"{size.seq_len} tokens; give 1 to {size.seq_len}, or 0 for all of it")
-    length = d.window or size.seq_len
-    if d.tokens:
-        train, held_out = token_windows(d.tokens, length, d.held_out, m.vocab_size)
-    else:
-        text = read_bytes(text_files(d.path), d.max_bytes)
-        split = int(len(text) * (1 - d.held_out))
-        train, held_out = ByteWindows(text[:split], length), ByteWindows(text[split:], length)
-    bits_per = "bits_per_token" if d.tokens else "bits_per_byte"
-    precision = config.train.precision
-    check_attention(m.attention, compute_dtype(precision))
+    if tokens and m.vocab_size < 1:
+        raise UserError(f"model.vocab_size={m.vocab_size} must be >= 1: it is the number of "
+                        f"tokens the model knows (50257 for GPT-2)")
+    if not tokens and m.vocab_size < 256:
+        raise UserError(f"model.vocab_size={m.vocab_size} is too small for text read as bytes "
+                        f"(0 to 255); give 256 or more, or read token files with data.tokens")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"model.dropout={m.dropout} must be in [0, 1): the probability of "
+                        f"dropping an activation, e.g. 0.1")
     if m.loss_chunk < 0:
         raise UserError(f"model.loss_chunk={m.loss_chunk} is negative; give a number of "
                         f"positions, or 0 for the loss over all the logits at once")
+
+
+def check_data(d: TextDataConfig, seq_len: int) -> None:
+    """Refuse data values that cannot be read, each in one line naming its key."""
+    if d.path and d.tokens:
+        raise UserError(f"data.path={d.path} and data.tokens={d.tokens} are both given; give "
+                        f"one (data.path: text read as bytes, data.tokens: token files)")
+    if not 0 < d.held_out < 1:
+        raise UserError(f"data.held_out={d.held_out} must be in (0, 1): the fraction of the "
+                        f"text held out for evaluation, e.g. 0.05")
+    if d.max_bytes < 0:
+        raise UserError(f"data.max_bytes={d.max_bytes} is negative; give a number of bytes "
+                        f"to read, or 0 for all of the text")
+    if not 0 <= d.window <= seq_len:
+        raise UserError(f"data.window={d.window} is outside the model's context of "
+                        f"{seq_len} tokens; give 1 to {seq_len}, or 0 for all of it")
+
+
+def too_short_advice(config: Config, length: int) -> str:
+    """What to change when the data holds no window of `length + 1` tokens (real keys)."""
+    m, d = config.model, config.data
+    now = (f"data.window={d.window}" if d.window
+           else f"the whole {length}-token context of model.size={m.size}")
+    more = "tokens" if d.tokens else "text"
+    return (f"give more {more}, or a smaller data.window (a window of N needs N + 1; now "
+            f"{now})")
+
+
+def byte_windows(text: np.ndarray, length: int, what: str, fix: str) -> ByteWindows:
+    """`ByteWindows` of `text`, refusing text too short for one window with advice `fix`."""
+    if len(text) < length + 1:
+        raise UserError(f"{what} has {len(text)} bytes, fewer than one window of "
+                        f"{length + 1}; {fix}")
+    return ByteWindows(text, length)
+
+
+def build(config: Config) -> Experiment:
+    """The GPT, the byte windows of the text, and the next-byte loss."""
+    m, d = config.model, config.data
+    check_model(m, bool(d.tokens))
+    size = SIZES[m.size]
+    check_data(d, size.seq_len)
+    precision = config.train.precision
+    check_attention(m.attention, compute_dtype(precision))
+    length = d.window or size.seq_len
+    fix = too_short_advice(config, length)
+    if d.tokens:
+        print(describe_split(d.tokens, d.held_out))
+        train, held_out = token_windows(d.tokens, length, d.held_out, m.vocab_size, fix)
+    else:
+        text = read_bytes(text_files(d.path), d.max_bytes)
+        split = int(len(text) * (1 - d.held_out))
+        train = byte_windows(text[:split], length, "the training text", fix)
+        held_out = byte_windows(text[split:], length, "the held-out text", fix)
+    bits_per = "bits_per_token" if d.tokens else "bits_per_byte"
     model = GPT(vocab_size=m.vocab_size, size=size, dropout=m.dropout,
                 dtype=compute_dtype(precision), attention=m.attention, remat=m.remat)
 

@@ -15,6 +15,7 @@ from jaxdist import fit
 from jaxdist.config import apply_overrides
 from jaxdist.data.tokens import (
     LLMC_MAGIC,
+    TokenShard,
     TokenWindows,
     open_token_file,
     read_token_files,
@@ -61,7 +62,7 @@ def test_raw_and_llmc_files_give_the_same_windows_as_slicing(tmp_path):
     tokens = random_tokens(1000, 0)
     raw = open_token_file(write_raw(tmp_path / "a.bin", tokens))
     llmc = open_token_file(write_llmc(tmp_path / "b.bin", tokens))
-    assert isinstance(raw, np.memmap) and isinstance(llmc, np.memmap)  # mapped, not loaded
+    assert isinstance(raw, TokenShard) and isinstance(llmc, TokenShard)  # opened, not loaded
     expected = reference_windows(tokens, 16)
     for shard in (raw, llmc):
         windows = TokenWindows([shard], 16)
