@@ -3,9 +3,12 @@
 Starts N jaxdist processes on this machine, each with D fake CPU devices, joined by
 `jax.distributed` with a coordinator on 127.0.0.1 (on a free port, unless `--port` names
 one) and CPU collectives over gloo. Their output is forwarded line by line with a `[pI]`
-prefix (gloo's connection lines only with `--verbose`). If a process fails, the others are
-stopped and the launcher exits with that process's status; otherwise it exits 0. SIGTERM
-and SIGINT are passed on to the processes (they save a checkpoint and exit 0).
+prefix (gloo's connection lines only with `--verbose`), after one line giving each
+process's pid. If a process fails, the others are stopped and the launcher exits with that
+process's status; otherwise it exits 0. SIGTERM and SIGINT are passed on to the processes
+(they save a checkpoint and exit 0). On Linux, if the launcher itself dies, even by
+SIGKILL, the kernel kills its processes with it (`PR_SET_PDEATHSIG`); elsewhere nothing
+arranges that.
 
 For trying multi-process training (and testing it) on one machine; on a cluster, start
 `python -m jaxdist.run` once per host instead (see the README).
@@ -14,6 +17,7 @@ For trying multi-process training (and testing it) on one machine; on a cluster,
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import signal
@@ -22,7 +26,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -47,6 +54,29 @@ def _forward(stream: TextIO, prefix: str, out: TextIO, lock: threading.Lock,
             out.flush()
 
 
+def die_with_launcher() -> Callable[[], None] | None:
+    """A `preexec_fn` after which the kernel SIGKILLs the child when this process dies.
+
+    Linux's `prctl(PR_SET_PDEATHSIG)`, which fires when the thread that started the child
+    ends: `launch` starts them from the thread that waits for them. None where there is no
+    such call (not Linux, or no libc to call it through).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died before the request took hold
+            os._exit(1)
+
+    return in_child
+
+
 def launch(num_processes: int, local_devices: int, run_args: list[str],
            heartbeat_timeout: int | None = None, port: int | None = None,
            verbose: bool = False) -> int:
@@ -55,16 +85,22 @@ def launch(num_processes: int, local_devices: int, run_args: list[str],
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the device count comes from --cpu-devices
     env["JAX_PLATFORMS"] = "cpu"
-    processes, threads, lock = [], [], threading.Lock()
+    # All are started before any forwarding thread: a preexec_fn is safe only while the
+    # launcher has a single thread.
+    preexec = die_with_launcher()
+    processes = []
     for index in range(num_processes):
         command = [sys.executable, "-m", "jaxdist.run", *run_args,
                    "--cpu-devices", str(local_devices), "--coordinator", coordinator,
                    "--num-processes", str(num_processes), "--process-id", str(index)]
         if heartbeat_timeout is not None:
             command += ["--heartbeat-timeout", str(heartbeat_timeout)]
-        process = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
-        processes.append(process)
+        processes.append(subprocess.Popen(command, env=env, text=True, preexec_fn=preexec,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    print("jaxdist.launch: " + ", ".join(f"process {i}: pid {p.pid}"
+                                         for i, p in enumerate(processes)), flush=True)
+    threads, lock = [], threading.Lock()
+    for index, process in enumerate(processes):
         for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
             thread = threading.Thread(target=_forward, daemon=True,
                                       args=(stream, f"[p{index}] ", out, lock, verbose))
