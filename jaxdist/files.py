@@ -1,9 +1,12 @@
-"""Writing a small file so that a reader, or a crash, never sees it half-written."""
+"""Writing files: never seen half-written, and a tool's output only inside its workdir."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from jaxdist.errors import UserError
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -18,3 +21,43 @@ def write_text_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def output_folder(workdir: Path, name: str) -> Path:
+    """`WORKDIR/NAME` for a tool's output, made if need be.
+
+    Refused in one line if it is a file, or a link that leads out of the workdir.
+    """
+    out = Path(workdir) / name
+    if out.is_symlink() and not out.resolve().is_relative_to(Path(workdir).resolve()):
+        raise UserError(f"{out} is a link to {out.resolve()}, outside the workdir; remove it "
+                        f"(jaxdist writes only inside the workdir)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; move it away and run again")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as error:
+        raise UserError(f"could not make {out} ({error.strerror})") from None
+    return out
+
+
+def replace_inside(folder: Path, filename: str, write: Callable[[Path], object]) -> Path:
+    """Write `folder/filename` by `write(path)` to a new file beside it, then rename it there.
+
+    The rename replaces a link at that name instead of writing to where it points. The
+    temporary name keeps the file's suffix (`.ATTRS.tmp-PID.png`), for writers that go by it.
+    """
+    folder = Path(folder).resolve()
+    path = folder / filename
+    if path.parent != folder or filename in (".", ".."):
+        raise ValueError(f"{path} would not be inside {folder}")
+    stem, suffix = os.path.splitext(filename)
+    tmp = folder / f".{stem}.tmp-{os.getpid()}{suffix}"
+    try:
+        tmp.unlink(missing_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({error.strerror})") from None
+    return path

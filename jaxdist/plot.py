@@ -1,40 +1,79 @@
 """`python -m jaxdist.plot WORKDIR`: draw the logged curves of a run to PNG files.
 
 One figure per metric (loss first), train and eval curves against the step, written to
-`WORKDIR/plots/METRIC.png`.
+`WORKDIR/plots/METRIC.png`. A metric name becomes a file name with every character other
+than letters, digits, `.`, `_` and `-` replaced by `_` (and a leading `.` or `-` too), so
+`top/1` is drawn to `top_1.png`; a name that would then be taken by another metric's file
+gets `-2`, `-3`, ... appended. Nothing is written outside `WORKDIR/plots/`, and a link
+there is replaced, not written through.
+
+Every line of `metrics.jsonl` must be a logged point (`jaxdist.records`: a JSON object with
+an integer `step`, a string `split` and numbers or nulls), except a last line cut short by
+a crash (skipped) and blank lines; anything else is refused with one line naming the file
+and the line.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from jaxdist.cli import OneLineParser, print_paths
 from jaxdist.errors import UserError
-from jaxdist.metrics import METRICS_FILE, from_json_line
+from jaxdist.files import output_folder, replace_inside
+from jaxdist.records import METRICS_FILE, read_records
 
 SKIP = {"step", "split", "examples"}
+FIX = "give the --workdir of a jaxdist run (or delete a damaged line)"
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_STEM = 120  # characters of a metric name kept in its file name
 
 
 def read_curves(workdir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """`{metric: {split: [(step, value), ...]}}` from `WORKDIR/metrics.jsonl`."""
     path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        raise UserError(f"{path} does not exist; give the --workdir of a jaxdist run")
     curves: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(
         lambda: defaultdict(list))
-    for line in path.read_text().splitlines():
-        try:
-            record = from_json_line(line)
-        except ValueError:
-            continue  # a line cut short by a crash
+    for record in read_records(path, FIX):
         for name, value in record.items():
-            if name not in SKIP and isinstance(value, (int, float)):
-                curves[name][record.get("split", "train")].append((record["step"], value))
+            if name not in SKIP:
+                curves[name][record["split"]].append((record["step"], value))
     if not curves:
         raise UserError(f"{path} holds no logged points yet")
     return curves
+
+
+def safe_stem(name: str) -> str:
+    """`name` as a file name: only letters, digits, `.`, `_`, `-`; no leading `.` or `-`."""
+    stem = UNSAFE.sub("_", name)[:MAX_STEM]
+    stem = re.sub(r"^[.-]+", lambda leading: "_" * len(leading.group()), stem)
+    return stem or "_"
+
+
+def file_stems(names: list[str]) -> dict[str, str]:
+    """A distinct `safe_stem` for each metric name, also on a case-blind file system.
+
+    Names that are safe already keep themselves (`loss` first); the others follow in sorted
+    order, with `-2`, `-3`, ... appended where their stem is taken.
+    """
+    taken: set[str] = set()
+    stems = {}
+    for name in sorted(names, key=lambda n: (safe_stem(n) != n, n != "loss", n)):
+        stem = candidate = safe_stem(name)
+        copy = 1
+        while candidate.lower() in taken:
+            copy += 1
+            candidate = f"{stem}-{copy}"
+        taken.add(candidate.lower())
+        stems[name] = candidate
+    return stems
+
+
+def _literal(text: str) -> str:
+    """`text` for a matplotlib label, drawn as written (a `$` does not start mathtext)."""
+    return text.replace("$", r"\$")
 
 
 def plot(workdir: Path) -> list[Path]:
@@ -45,27 +84,30 @@ def plot(workdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     curves = read_curves(workdir)
-    out = Path(workdir) / "plots"
-    out.mkdir(exist_ok=True)
+    out = output_folder(workdir, "plots")
+    stems = file_stems(list(curves))
     written = []
     for name in sorted(curves, key=lambda n: (n != "loss", n)):
+        label = _literal(name)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for split, points in sorted(curves[name].items(), reverse=True):  # train, then eval
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o" if split == "eval" else None,
-                    markersize=3, label=split)
+                    markersize=3, label=_literal(split))
         ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.set_title(f"{Path(workdir).name}: {name}")
+        ax.set_ylabel(label)
+        ax.set_title(f"{_literal(Path(workdir).name)}: {label}")
         if name == "loss" and all(v > 0 for pts in curves[name].values() for _, v in pts):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        try:
+            path = replace_inside(out, f"{stems[name]}.png",
+                                  lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
+            written.append(out / path.name)
+        finally:
+            plt.close(fig)
     return written
 
 

@@ -127,7 +127,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         ((tmp_path / "absent",), "holds no config.json"),
         ((workdir, "--method", "lime"), "method 'lime' is unknown"),
         ((workdir, "--examples", 500), "the eval split has 442 examples"),
-        ((opaque,), "does not say what its input is"),
+        ((opaque, "--trust-workdir"), "does not say what its input is"),
+        ((opaque,), "does not run code that a workdir names"),
     ]:
         result = explain_cli(*args)
         assert result.returncode == 2, (args, result.stderr[-2000:])

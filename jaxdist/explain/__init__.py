@@ -22,6 +22,7 @@ the integration points and noise samples of each example are evaluated on its de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +67,9 @@ class Method:
         for name in ("steps", "samples", "chunk"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 1")
-        if not self.noise >= 0:
-            raise UserError(f"noise={self.noise} must be >= 0")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise UserError(f"noise={self.noise} must be a finite number >= 0 (a fraction of "
+                            f"each example's value range, e.g. 0.1)")
 
 
 @dataclass
@@ -94,12 +96,15 @@ class Explainer:
     """One attribution method of one experiment, compiled once for a backend's devices.
 
     `target` (a classifier) is "predicted", "label" (the `spec.label` column) or a class
-    index. Call it with the params (and model state) and the rows to explain.
+    index in `[0, classes)`. Call it with the params (and model state) and the rows to explain.
     """
 
     def __init__(self, spec: ExplainSpec, backend: Backend, method: Method = Method(),
                  target: str | int = "predicted"):
         method.check()
+        is_class = isinstance(target, (int, np.integer)) and not isinstance(target, bool)
+        if target not in ("predicted", "label") and not is_class:
+            raise UserError(f"--target {target} is not predicted, label or a class number")
         if target == "label" and spec.label is None:
             raise UserError("--target label needs the experiment's ExplainSpec.label")
         self.spec, self.backend, self.target = spec, backend, target
@@ -109,14 +114,20 @@ class Explainer:
                  baseline: Any = "zeros") -> Explanation:
         """Attributions for every row of `rows` (a dict of host arrays), over the devices.
 
-        `baseline` (ig) is "zeros" or a features-shaped array of one example (e.g. the
-        training mean, `mean_features`).
+        `baseline` (ig) is "zeros" or an array of one example's features (e.g. the training
+        mean, `mean_features`), or one that broadcasts to that shape (e.g. a single value).
         """
         spec, backend = self.spec, self.backend
         for name in (spec.input, spec.label if self.target == "label" else None):
             if name is not None and name not in rows:
                 raise UserError(f"the data has no {name!r} (named by the experiment's "
                                 f"ExplainSpec); it has {', '.join(rows)}")
+        if isinstance(baseline, str):
+            if baseline != "zeros":
+                raise UserError(f"baseline {baseline!r} is not 'zeros' or an array")
+        else:
+            baseline = np.asarray(baseline)
+            check_baseline(baseline, features_shape(spec, params, rows), "the baseline")
         size = len(rows[spec.input])
         padded = -(-size // backend.num_devices) * backend.num_devices
         batch = {name: np.asarray(rows[name]) for name in (spec.input, spec.label)
@@ -136,6 +147,28 @@ def explain(spec: ExplainSpec, params: PyTree, model_state: PyTree, rows: dict[s
             target: str | int = "predicted") -> Explanation:
     """Attributions for every row of `rows`, split over `backend` (see `Explainer`)."""
     return Explainer(spec, backend, method, target)(params, model_state, rows, baseline)
+
+
+def features_shape(spec: ExplainSpec, params: PyTree, rows: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one example's features (what attributions and a baseline have)."""
+    first = np.asarray(rows[spec.input][:1])
+    return tuple(jax.eval_shape(_features_fn(spec), params, first).shape[1:])
+
+
+def check_baseline(baseline: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+    """Refuse a baseline that is not finite numbers broadcasting to one example's `shape`."""
+    wanted = (f"give one example's features, shape {shape}, or an array that broadcasts to "
+              f"it (e.g. a single value)")
+    if baseline.dtype.kind not in "iuf":
+        raise UserError(f"{what} holds an array of dtype {baseline.dtype}, not numbers; {wanted}")
+    try:
+        fits = np.broadcast_shapes(baseline.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise UserError(f"{what} holds an array of shape {baseline.shape}; {wanted}")
+    if not np.isfinite(baseline).all():
+        raise UserError(f"{what} holds values that are not finite (NaN or inf); {wanted}")
 
 
 def mean_features(spec: ExplainSpec, params: PyTree, rows: dict[str, Any],
@@ -174,6 +207,16 @@ def _features_fn(spec: ExplainSpec) -> Callable:
     return lambda params, raw: jnp.asarray(raw, jnp.float32)
 
 
+def _check_class(target: int, classes: int | None) -> None:
+    """Refuse a class number the model does not output (`classes` None: a regressor)."""
+    if classes is None:
+        raise UserError(f"--target {target} names a class, but the model is a regressor (one "
+                        f"number per example); leave --target at predicted")
+    if not 0 <= target < classes:
+        raise UserError(f"--target {target} is not a class of this model: it has {classes} "
+                        f"classes, 0 to {classes - 1}; give one of those, predicted or label")
+
+
 def _per_device(spec: ExplainSpec, method: Method, target: str | int) -> Callable:
     """The attribution of one device's examples: `(replicated, batch) -> dict of [b, ...]`."""
     features_of = _features_fn(spec)
@@ -183,6 +226,8 @@ def _per_device(spec: ExplainSpec, method: Method, target: str | int) -> Callabl
         features = features_of(params, batch[spec.input])
         outputs = spec.output(params, model_state, features)
         classifier = outputs.ndim == 2
+        if not isinstance(target, str):  # shapes are known while tracing: refused before a step
+            _check_class(target, outputs.shape[-1] if classifier else None)
         if classifier:
             predictions = jnp.argmax(outputs, axis=-1)
             if target == "predicted":

@@ -19,7 +19,16 @@ import numpy as np
 
 from jaxdist.cli import OneLineParser, print_paths
 from jaxdist.errors import UserError
-from jaxdist.explain import METHODS, RULES, Method, explain, mean_features
+from jaxdist.explain import (
+    METHODS,
+    RULES,
+    Method,
+    check_baseline,
+    explain,
+    features_shape,
+    mean_features,
+)
+from jaxdist.files import output_folder, replace_inside
 
 MEAN_ROWS = 2048  # training rows averaged for the "mean" baseline
 
@@ -34,17 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="ig", help=f"{' | '.join(METHODS)} (default: ig)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval")
     parser.add_argument("--checkpoint", choices=("newest", "best"), default="newest")
+    parser.add_argument("--experiment", metavar="NAME|FILE.py",
+                        help="the experiment to build the model with (default: the bundled "
+                             "one the workdir's config.json names; an experiment file is run "
+                             "only when named here, or with --trust-workdir)")
+    parser.add_argument("--trust-workdir", action="store_true",
+                        help="run the experiment file the workdir's config.json names, if its "
+                             "sha256 is the one recorded when the run was trained")
     parser.add_argument("--steps", type=int, default=64, help="ig: integration points")
     parser.add_argument("--rule", default="riemann", help=f"ig: {' | '.join(RULES)}")
     parser.add_argument("--baseline", default="zeros",
-                        help="ig: zeros, mean (of the training data) or a .npy file")
+                        help="ig: zeros, mean (of the training data) or a .npy file of one "
+                             "example's features (that shape, or one that broadcasts to it, "
+                             "e.g. a single value; numbers, finite)")
     parser.add_argument("--base", default="saliency",
                         help="smoothgrad: the method it averages (saliency, grad_x_input, ig)")
     parser.add_argument("--samples", type=int, default=16, help="smoothgrad: noisy copies")
     parser.add_argument("--noise", type=float, default=0.1,
                         help="smoothgrad: noise std as a fraction of the value range")
     parser.add_argument("--target", default="predicted",
-                        help="a classifier's class to explain: predicted, label, or a number")
+                        help="a classifier's class to explain: predicted, label, or a class "
+                             "number from 0 to the number of classes - 1")
     parser.add_argument("--backend", choices=("pmap", "shard_map"),
                         help="default: the run's parallel.backend")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
@@ -62,9 +81,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     method = Method(args.method, steps=args.steps, rule=args.rule, base=args.base,
                     noise=args.noise, samples=args.samples)
     method.check()
-    target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
-    if target not in ("predicted", "label") and not isinstance(target, int):
-        raise UserError(f"--target {args.target} is not predicted, label or a class number")
+    target = _target(args.target)
     if args.examples < 1:
         raise UserError(f"--examples {args.examples} must be >= 1")
 
@@ -72,7 +89,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     from jaxdist.parallel import make_backend
     from jaxdist.restore import restore_run
 
-    restored = restore_run(args.workdir, args.checkpoint)
+    restored = restore_run(args.workdir, args.checkpoint, experiment=args.experiment,
+                           trust_workdir=args.trust_workdir)
     experiment, spec = restored.experiment, restored.experiment.explain
     if spec is None:
         raise UserError(f"experiment {experiment.name} does not say what its input is: give "
@@ -85,33 +103,70 @@ def run(argv: list[str] | None = None) -> list[Path]:
         raise UserError(f"--examples {args.examples}, but the {args.split} split has "
                         f"{len(source)} examples; ask for at most {len(source)}")
     rows = source.get_batch(np.arange(args.examples))
-    baseline = _baseline(args.baseline, spec, restored, experiment)
+    baseline = _baseline(args.baseline, spec, restored, experiment, rows)
     backend = make_backend(args.backend or restored.config.parallel.backend)
     result = explain(spec, restored.params, restored.model_state, rows, backend, method,
                      baseline, target)
     return _write(args, spec, restored, rows, result, method)
 
 
-def _baseline(choice: str, spec, restored, experiment) -> object:
+def _target(text: str) -> str | int:
+    """`--target`: predicted, label or a class number (its range is checked by the model)."""
+    if text in ("predicted", "label"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--target {text} is not predicted, label or a class number") from None
+
+
+def _baseline(choice: str, spec, restored, experiment, rows) -> object:
+    """`--baseline`: "zeros", the training mean, or a checked array from a .npy file."""
     if choice == "zeros":
         return "zeros"
     if choice == "mean":
         from jaxdist.data import as_source
 
         train = as_source(experiment.train_data, "the training data")
-        rows = train.get_batch(np.arange(min(len(train), MEAN_ROWS)))
-        return mean_features(spec, restored.params, rows)
+        sample = train.get_batch(np.arange(min(len(train), MEAN_ROWS)))
+        return mean_features(spec, restored.params, sample)
     path = Path(choice)
     if path.suffix != ".npy" or not path.is_file():
         raise UserError(f"--baseline {choice} is not zeros, mean or an existing .npy file")
-    return np.load(path, allow_pickle=False)
+    shape = features_shape(spec, restored.params, rows)
+    baseline = _read_npy(path, shape)
+    check_baseline(baseline, shape, f"--baseline {path}")
+    return baseline
+
+
+def _read_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The array of a .npy file, never unpickling: one line for anything else."""
+    from numpy.lib import format as npy
+
+    wanted = f"save one example's features, shape {shape}, with numpy.save"
+    try:
+        with path.open("rb") as f:
+            version = npy.read_magic(f)
+            header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            dtype = header(f)[2]
+    except OSError as error:
+        raise UserError(f"could not read --baseline {path} ({error.strerror})") from None
+    except ValueError:
+        raise UserError(f"--baseline {path} is not a .npy array (it lacks the .npy header); "
+                        f"{wanted}") from None
+    if dtype.hasobject:
+        raise UserError(f"--baseline {path} holds pickled Python objects (dtype {dtype}), "
+                        f"which are not read; {wanted}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"--baseline {path} is a damaged .npy ({error}); {wanted}") from None
 
 
 def _write(args, spec, restored, rows, result, method) -> list[Path]:
     from jaxdist.explain import pictures
 
-    out = Path(args.workdir) / "explain"
-    out.mkdir(exist_ok=True)
+    out = output_folder(args.workdir, "explain")
     attributions = result.attributions
     if spec.kind == "text":  # one number per token: summed over the embedding
         attributions = attributions.reshape(*attributions.shape[:2], -1).sum(axis=-1)
@@ -127,23 +182,27 @@ def _write(args, spec, restored, rows, result, method) -> list[Path]:
         arrays["labels"] = labels
     if spec.kind != "text":
         arrays["features"] = result.features
-    npz = out / "attributions.npz"
-    np.savez(npz, **arrays)
+    npz = replace_inside(out, "attributions.npz", lambda tmp: np.savez(tmp, **arrays))
     title = (f"{restored.experiment.name}: {method.name} on {len(attributions)} "
              f"{args.split} examples, step {restored.step}")
-    png = out / "attributions.png"
     if spec.kind == "image":
-        pictures.images(result.features, attributions, result.predictions, labels, title, png)
+        def draw(tmp: Path) -> None:
+            pictures.images(result.features, attributions, result.predictions, labels, title,
+                            tmp)
     elif spec.kind == "text":
-        pictures.text(np.asarray(rows[spec.input]), attributions, result.predictions, title,
-                      png)
+        def draw(tmp: Path) -> None:
+            pictures.text(np.asarray(rows[spec.input]), attributions, result.predictions,
+                          title, tmp)
     else:
         count = attributions.shape[1]
         names = list(spec.feature_names) or [f"feature {i}" for i in range(count)]
         coefficients = (np.asarray(spec.coefficients(restored.params))
                         if spec.coefficients is not None else None)
-        pictures.tabular(attributions.reshape(len(attributions), -1), coefficients, names,
-                         title, png)
+
+        def draw(tmp: Path) -> None:
+            pictures.tabular(attributions.reshape(len(attributions), -1), coefficients, names,
+                             title, tmp)
+    png = replace_inside(out, "attributions.png", draw)
     return [npz, png]
 
 

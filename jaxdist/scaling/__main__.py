@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -93,6 +94,40 @@ def parse_counts(text: str, option: str) -> list[int]:
     return counts
 
 
+def _shown(value: float) -> str:
+    """A number as an error message shows it (a huge one cut short)."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a count below 1, a step goal beyond the step counter, epochs not finite > 0."""
+    from jaxdist.config import MAX_STEPS
+
+    for option in ("devices_per_host", "max_devices", "steps", "per_device_batch",
+                   "global_batch", "rounds", "window_steps"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UserError(f"--{option.replace('_', '-')} {value} must be >= 1")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise UserError(f"--steps {_shown(args.steps)} is more than a run can take "
+                        f"({MAX_STEPS}: the step counter is 32-bit); ask for fewer")
+    if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise UserError(f"--epochs {_shown(args.epochs)} must be a finite number > 0, e.g. "
+                        f"--epochs 10")
+
+
+def check_epochs_goal(epochs: float, dataset_size: int, smallest_batch: int) -> None:
+    """Refuse `--epochs` whose steps (at the smallest batch predicted for) no run can take."""
+    from jaxdist.config import MAX_STEPS
+
+    steps = epochs * dataset_size / smallest_batch
+    if not steps <= MAX_STEPS:
+        raise UserError(f"--epochs {_shown(epochs)} of {dataset_size} examples is "
+                        f"{_shown(float(steps))} steps of {smallest_batch}, more than a run "
+                        f"can take ({MAX_STEPS}: the step counter is 32-bit); ask for fewer")
+
+
 def interconnect_table() -> str:
     """The named interconnects as a text table."""
     from jaxdist.costmodel import INTERCONNECTS
@@ -130,12 +165,7 @@ def run(argv: list[str]) -> int:
             inter = parse_interconnect(args.inter_host)
     except ValueError as error:
         raise UserError(f"--inter-host {error}") from None
-    for option, value in (("--devices-per-host", args.devices_per_host),
-                          ("--max-devices", args.max_devices), ("--steps", args.steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{option} {value} must be >= 1")
-    if args.epochs is not None and not args.epochs > 0:
-        raise UserError(f"--epochs {args.epochs:g} must be > 0")
+    check_numbers(args)
     counts = None if args.devices is None else parse_counts(args.devices, "--devices")
     fit_counts = (None if args.fit_devices is None
                   else parse_counts(args.fit_devices, "--fit-devices"))
@@ -158,9 +188,12 @@ def run(argv: list[str]) -> int:
                                       if 2 ** k <= available)})
     from jaxdist.scaling.study import dataset_size, make_plan
 
-    plan = make_plan(config, dataset_size(experiment), counts, fit_counts,
+    examples = dataset_size(experiment)
+    plan = make_plan(config, examples, counts, fit_counts,
                      args.per_device_batch, args.global_batch, args.rounds, args.window_steps,
                      available, devices[0].platform)
+    if args.epochs is not None:
+        check_epochs_goal(args.epochs, examples, min(plan.per_device_batch, plan.global_batch))
     workdir = prepare_workdir(args.workdir or default_workdir(
         f"{Path(args.experiment).stem}-scaling"))
     command = shlex.join(["python", "-m", "jaxdist.scaling", *argv])
