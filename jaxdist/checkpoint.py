@@ -29,6 +29,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
@@ -118,11 +119,29 @@ class PendingSave:
         return self.final
 
 
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's own ERROR logs: each failed write also raises, and jaxdist reports it.
+
+    A full disk during a background save made orbax log the same failure with a traceback
+    from several of its threads before the error reached jaxdist's one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrors) for f in absl.filters):
+        absl.addFilter(_OrbaxErrors())
+
+
 class CheckpointStore:
     """The checkpoints of one workdir: save, list, verify, restore, prune."""
 
     def __init__(self, folder: Path, keep: int = 3, best_metric: str = "",
                  best_mode: str = "min", writer: bool = True):
+        _quiet_orbax_errors()
         self.folder = Path(folder).absolute()  # orbax requires absolute paths
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
         # The state is replicated, so in a multi-process run one process (the writer)

@@ -145,10 +145,12 @@ class MetricsLogger:
                                 f"checkpoints: free space and rerun the same command") from None
         self.records = kept
         if self.workdir is not None:
-            from tensorboardX import SummaryWriter
+            from jaxdist.events import EventFile
 
-            self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"),
-                                              purge_step=step + 1)
+            try:
+                self._tensorboard = EventFile(self.workdir / "tensorboard", purge_step=step + 1)
+            except OSError as error:
+                raise self._tensorboard_failed(error) from None
 
     def start_progress(self, initial: int) -> None:
         """Show the live progress line (only on a terminal)."""
@@ -175,10 +177,11 @@ class MetricsLogger:
                                 f"and rerun the same command to resume from the newest "
                                 f"checkpoint") from None
         if self._tensorboard is not None:
-            for name, value in values.items():
-                if math.isfinite(value):  # TensorBoard has no point for NaN (null in JSONL)
-                    self._tensorboard.add_scalar(f"{split}/{name}", value, step)
-            self._tensorboard.flush()
+            try:  # TensorBoard has no point for NaN (null in JSONL)
+                self._tensorboard.add_scalars(step, {f"{split}/{name}": value for name, value
+                                                     in values.items() if math.isfinite(value)})
+            except OSError as error:
+                raise self._tensorboard_failed(error) from None
         line = self._format(step, split, values)
         if self.progress is not None:
             self.progress.show(line, split, values)
@@ -195,14 +198,33 @@ class MetricsLogger:
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def close(self) -> None:
-        """Finish the progress line and the event file."""
+    def close(self, raise_error: bool = True) -> None:
+        """Finish the progress line and the event file.
+
+        A failure to write the event file is a `UserError`, unless `raise_error` is False
+        (the run is already failing for another reason, whose error is the one to report).
+        """
         if self.progress is not None:
             self.progress.close()
             self.progress = None
         if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+            try:
+                self._tensorboard.close()
+                self._tensorboard = None
+            except OSError as error:
+                failure = self._tensorboard_failed(error)
+                if raise_error:
+                    raise failure from None
+
+    def _tensorboard_failed(self, error: OSError) -> UserError:
+        """Give the event writer up (quietly) and return the one line of its failure."""
+        writer, self._tensorboard = self._tensorboard, None
+        if writer is not None:
+            writer.abandon()
+        return UserError(f"could not write TensorBoard's events in {self.workdir / 'tensorboard'} "
+                         f"({error.strerror}); {self.path} and the checkpoints are intact: free "
+                         f"space and rerun the same command to resume from the newest "
+                         f"checkpoint")
 
     def _format(self, step: int, split: str, values: dict[str, float]) -> str:
         where = f"{step}/{self.total_steps}" if self.total_steps else str(step)

@@ -288,6 +288,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     except BaseException:
         if writer is not None:  # a save in flight is finished, whatever stopped the run
             writer.wait(raise_error=False)
+        logger.close(raise_error=False)
         raise
     finally:
         logger.close()
