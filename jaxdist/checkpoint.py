@@ -7,6 +7,7 @@ Layout of `WORKDIR/checkpoints/`:
         meta.json             step, loader position, config, loop state, eval metrics
         manifest.json         sha256 of every other file
     tmp-step_00002000-.../    a save in progress: never listed, removed at the next start
+    tmp-step_00002000-....lock  locked while that save is written (never removed then)
     trash-step_.../           a checkpoint being deleted: never listed
 
 A save writes everything into a `tmp-` folder and renames it to `step_...` only when
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -97,25 +99,66 @@ def _nbytes(tree: PyTree) -> int:
     return sum(math.prod(np.shape(x)) * leaf_dtype(x).itemsize for x in jax.tree.leaves(tree))
 
 
+class InProgress:
+    """A lock held on `tmp-NAME.lock` beside a save's `tmp-NAME` folder while it is written.
+
+    The cleaning at a run's start removes only temporary folders whose lock nobody holds,
+    so it never removes the folder of a save another live process is writing.
+    """
+
+    def __init__(self, tmp: Path):
+        self.path = tmp.with_name(tmp.name + ".lock")
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    @staticmethod
+    def held_by_another(tmp: Path) -> bool:
+        """Whether another process is writing the temporary folder `tmp` now."""
+        try:
+            fd = os.open(tmp.with_name(tmp.name + ".lock"), os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
+
+
 class PendingSave:
     """A checkpoint whose state orbax is writing; `commit()` finishes and publishes it."""
 
     def __init__(self, store: CheckpointStore, final: Path, tmp: Path | None = None,
-                 meta: dict[str, Any] | None = None, checkpointer: Any = None, size: int = 0):
+                 meta: dict[str, Any] | None = None, checkpointer: Any = None, size: int = 0,
+                 mark: InProgress | None = None):
         self.store, self.final, self.tmp, self.meta = store, final, tmp, meta
-        self.checkpointer, self.size = checkpointer, size
+        self.checkpointer, self.size, self.mark = checkpointer, size, mark
 
     def commit(self) -> Path:
         """Wait for the state's files, add meta and manifest, rename into place (the writer)."""
         store, tmp = self.store, self.tmp
         if tmp is None:
             return self.final
-        with store._failures_of(self.final, tmp, self.size):
-            self.checkpointer.wait_until_finished()
+        try:
+            with store._failures_of(self.final, tmp, self.size):
+                self.checkpointer.wait_until_finished()
+                if store.writer:
+                    store._finish(tmp, self.meta)
             if store.writer:
-                store._finish(tmp, self.meta)
-        if store.writer:
-            store._publish(tmp, self.final)
+                store._publish(tmp, self.final)
+        finally:
+            if self.mark is not None:
+                self.mark.release()
         return self.final
 
 
@@ -161,7 +204,11 @@ class CheckpointStore:
         """Remove what interrupted saves and deletions left behind (the writer only)."""
         if self.writer and self.folder.exists():
             for leftover in self.folder.glob("tmp-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                name = leftover.name.removesuffix(".lock")
+                if not InProgress.held_by_another(leftover.with_name(name)):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
             for leftover in self.folder.glob("trash-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
 
@@ -231,10 +278,17 @@ class CheckpointStore:
         meta = {"format": FORMAT, "step": step,
                 "signature": tree_signature(state if logical is None else logical),
                 "split": dict(sorted(split.items())), **meta}
-        with self._failures_of(final, tmp, size):
-            tmp.mkdir(parents=True, exist_ok=True)
-            checkpointer.save(tmp / "state", state)
-        return PendingSave(self, final, tmp, meta, checkpointer, size)
+        mark = None
+        try:
+            with self._failures_of(final, tmp, size):
+                mark = InProgress(tmp) if self.writer else None
+                tmp.mkdir(parents=True, exist_ok=True)
+                checkpointer.save(tmp / "state", state)
+        except BaseException:
+            if mark is not None:
+                mark.release()
+            raise
+        return PendingSave(self, final, tmp, meta, checkpointer, size, mark)
 
     @contextlib.contextmanager
     def _failures_of(self, final: Path, tmp: Path, size: int) -> Iterator[None]:

@@ -213,6 +213,8 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             logger.say(f"step {step}: no checkpoint saved, the parameters are not finite")
             return
         finish_saving()
+        if start.lock is not None:
+            start.lock.check()  # the workdir is still this run's alone
         with host_reads():
             writer.save(step, form, run.meta(loader_state, eval_values, reason),
                         committed(step, time.perf_counter() - started), logical=layout.logical,

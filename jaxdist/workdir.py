@@ -17,6 +17,8 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import time
@@ -35,8 +37,8 @@ RUN_FILES = ("metrics.jsonl", "config.json", SAVED)
 RUN_FOLDERS = {  # a folder: the patterns of the names directly inside it
     "checkpoints": ("step_*", "tmp-*", "trash-*"),
     "tensorboard": ("events.out.tfevents.*",),
-    "plots": ("*.png",),
-    "explain": ("attributions.npz", "attributions.png"),
+    "plots": ("*.png",),  # a temporary .NAME.tmp-PID.png left by a crash too
+    "explain": ("attributions.npz", "attributions.png", ".attributions.tmp-*"),
 }
 
 
@@ -61,13 +63,25 @@ def prepare_workdir(path: Path) -> Path:
 
 
 class WorkdirLock:
-    """An exclusive lock on a workdir for as long as a run uses it (a context manager)."""
+    """An exclusive lock on a workdir for as long as a run uses it (a context manager).
+
+    Two locks, so that removing the lock file does not admit a second run: a POSIX record
+    lock on `WORKDIR/lock` (it works across hosts on NFS), and a `flock` on the workdir
+    folder itself, which no unlink can remove (where the file system supports it: local
+    ones do; NFS's emulation refuses it on a folder, and the record lock alone is kept).
+    `check()`, called at each save, notices a lock file that was removed or replaced and
+    puts it back, or stops the run if another one now holds it. The lock file names its
+    holder and a random `token`, which the other processes of a multi-process run read
+    back to prove that they see the same folder.
+    """
 
     _held: set[str] = set()  # POSIX locks do not conflict within one process: this does
 
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / LOCK
+        self.token = secrets.token_hex(16)
         self._fd: int | None = None
+        self._folder_fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock, or refuse with one line naming the run that holds it."""
@@ -76,27 +90,98 @@ class WorkdirLock:
             raise UserError(f"--workdir {self.path.parent} is in use by another run in this "
                             f"process (pid {os.getpid()}); let it finish or use another "
                             f"--workdir")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
-            os.close(fd)
-            raise UserError(f"--workdir {self.path.parent} is in use by {holder}; wait for "
-                            f"it to end or stop it, or use another --workdir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on host {socket.gethostname()} since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
+            self._lock_folder()
+            self._fd = self._lock_file()
+        except BaseException:
+            self.release()
+            raise
         self._held.add(key)
 
+    def _lock_folder(self) -> None:
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"--workdir {self.path.parent} is in use by {self._holder()}; "
+                            f"wait for it to end or stop it, or use another "
+                            f"--workdir") from None
+        except OSError:  # no flock on folders here (NFS): the record lock alone
+            os.close(fd)
+            return
+        self._folder_fd = fd
+
+    def _lock_file(self) -> int:
+        """Open, lock and fill the lock file; it must still be the file at `path` then."""
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"--workdir {self.path.parent} is in use by "
+                                f"{_holder_words(holder)}; wait for it to end or stop it, or "
+                                f"use another --workdir") from None
+            if self._is_locked_file(fd):
+                self._write_holder(fd)
+                return fd
+            os.close(fd)  # replaced between the open and the lock: take the new one
+        raise UserError(f"{self.path} keeps being replaced by another program; stop it, or use "
+                        f"another --workdir")
+
+    def _write_holder(self, fd: int) -> None:
+        line = (f"pid {os.getpid()} on host {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} (token {self.token})\n")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line.encode(), 0)
+            os.fsync(fd)
+        except OSError as error:
+            os.close(fd)
+            raise UserError(f"could not write the lock file {self.path} ({error.strerror}); "
+                            f"free space on that disk and rerun the same command") from None
+
+    def _is_locked_file(self, fd: int) -> bool:
+        """Whether `path` is still the file open as `fd` (not removed or replaced)."""
+        try:
+            here, held = os.stat(self.path), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+    def _holder(self) -> str:
+        try:
+            return _holder_words(self.path.read_text(errors="replace").strip())
+        except OSError:
+            return _holder_words("")
+
+    def check(self) -> None:
+        """Make sure the lock file is still this run's; put it back if it was removed.
+
+        If another run has taken a new lock file meanwhile (only possible where folders
+        cannot be locked), stop with one line: two runs must never write one workdir.
+        """
+        if self._fd is None or self._is_locked_file(self._fd):
+            return
+        old, self._fd = self._fd, None
+        os.close(old)
+        try:
+            self._fd = self._lock_file()
+        except UserError as error:
+            raise UserError(f"{self.path} was removed while this run held it and another run "
+                            f"has locked the workdir since ({error}); this run stops without "
+                            f"writing more: its newest checkpoint is intact") from None
+
     def release(self) -> None:
-        """Give the lock up (closing the file releases it)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._held.discard(str(self.path.resolve()))
+        """Give the locks up (closing the files releases them)."""
+        for name in ("_fd", "_folder_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+        self._held.discard(str(self.path.resolve()))
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
@@ -104,6 +189,21 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_token(workdir: Path) -> str | None:
+    """The token in `workdir`'s lock file (written by the run holding it), or None."""
+    try:
+        text = (Path(workdir) / LOCK).read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"\(token ([0-9a-f]+)\)", text)
+    return found.group(1) if found else None
+
+
+def _holder_words(holder: str) -> str:
+    """The lock file's line without its token, or words for a run that left none."""
+    return re.sub(r" \(token [0-9a-f]+\)", "", holder) or "another run"
 
 
 def restart(workdir: Path) -> list[str]:

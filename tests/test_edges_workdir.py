@@ -2,6 +2,7 @@
 every path into `fit`."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import jaxdist
 from jaxdist import fit
 from jaxdist.errors import UserError
 from jaxdist.restore import restore_run
-from tests.toy import mlp_experiment, toy_config
+from tests.toy import mlp_experiment, toy_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_FILE = '''
@@ -213,3 +214,93 @@ def test_the_nonfinite_message_names_labels_out_of_range_for_a_classifier(tmp_pa
     del jax
     with pytest.raises(UserError, match="labels outside the model's classes"):
         fit(experiment, config, tmp_path, stream=None)
+
+
+# Item 4: a removed lock file admits no second run, and a live save's folder stays.
+
+def test_a_removed_lock_file_admits_no_second_run_and_is_put_back(tmp_path):
+    workdir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "jaxdist.run", "linear_regression",
+                              "--workdir", str(workdir), "train.steps=100000000",
+                              "train.checkpoint_every=200", "train.log_every=100"],
+                             cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        assert wait_for_file(workdir / "metrics.jsonl"), first.stderr.read()
+        (workdir / "lock").unlink()
+        second = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=10",
+                         timeout=120)
+        assert second.returncode == 2
+        # Named by the lock file the first run has put back by then, or as "another run".
+        assert f"--workdir {workdir} is in use by " in one_line(second)
+        assert wait_for_file(workdir / "lock")  # put back at the first run's next save
+        assert f"pid {first.pid} " in (workdir / "lock").read_text()
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err[-2000:]
+        assert "stopped at step" in out
+    finally:
+        first.kill()
+        first.wait()
+
+
+HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
+       "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+
+
+def hold_lock(path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], text=True,
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_the_start_never_removes_the_folder_of_a_save_another_process_is_writing(tmp_path):
+    from jaxdist.checkpoint import CheckpointStore
+
+    folder = tmp_path / "checkpoints"
+    live, dead = folder / "tmp-step_00000010-1-2", folder / "tmp-step_00000005-3-4"
+    for tmp in (live, dead):
+        (tmp / "state").mkdir(parents=True)
+    (dead.parent / (dead.name + ".lock")).write_text("")  # its writer died
+    holder = hold_lock(live.parent / (live.name + ".lock"))
+    try:
+        CheckpointStore(folder).clean_incomplete()
+        assert sorted(p.name for p in folder.iterdir()) == [live.name, live.name + ".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    CheckpointStore(folder).clean_incomplete()
+    assert list(folder.iterdir()) == []
+
+
+def test_a_lock_file_taken_by_another_run_meanwhile_stops_this_one(tmp_path):
+    from jaxdist.workdir import WorkdirLock
+
+    with WorkdirLock(tmp_path) as lock:
+        (tmp_path / "lock").unlink()
+        lock.check()  # nobody else: put back, with this run's token
+        assert f"(token {lock.token})" in (tmp_path / "lock").read_text()
+        (tmp_path / "lock").unlink()
+        holder = hold_lock(tmp_path / "lock")  # where folders cannot be locked (NFS)
+        try:
+            with pytest.raises(UserError, match="was removed while this run held it and "
+                                                "another run has locked the workdir since"):
+                lock.check()
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+# Item 13: a full disk before the start is one line too.
+
+def test_a_lock_file_that_cannot_be_written_is_one_line(tmp_path):
+    command = f"ulimit -f 0; trap '' XFSZ; exec {sys.executable} -m jaxdist.run " \
+              f"linear_regression --workdir {tmp_path / 'run'} train.steps=2"
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    # (scikit-learn's joblib warns first that it cannot write its own files either)
+    last = result.stderr.strip().splitlines()[-1]
+    assert "could not write the lock file" in last and "File too large" in last
+    assert "Traceback" not in result.stderr
