@@ -10,7 +10,7 @@ from jaxdist.errors import UserError
 
 
 def tree(value=1.0):
-    return {"w": np.full((3, 2), value, np.float32), "step": np.array(7, np.int32)}
+    return {"w": np.full((3, 2), value, np.float32), "step": np.array(int(value), np.int32)}
 
 
 def save(store, step, loss=None):
