@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxdist.checkpoint import RUN_META_SHAPE, CheckpointStore
 from jaxdist.config import Config, check_allowed_changes, resume_conflicts, to_dict, validate
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
+from jaxdist.devices import free_memory_per_device
 from jaxdist.distributed import is_primary
 from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
@@ -202,10 +204,30 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         raise
 
 
+def _check_prefetch(loader: Loader, backend: Backend, depth: int,
+                    batch: dict[str, Any]) -> None:
+    """Refuse a `loader.prefetch` whose placed batches would not fit in half the free memory.
+
+    A full batch is placed once however deep the prefetch, so it is not counted again.
+    """
+    if loader.full:
+        return
+    per_device = sum(np.asarray(x).nbytes for x in batch.values()) / backend.num_devices
+    free = free_memory_per_device(backend.devices)
+    if free is None or (depth + 1) * per_device <= free / 2:
+        return
+    fits = max(int(free / 2 // max(per_device, 1)) - 1, 1)
+    raise UserError(f"loader.prefetch={depth} keeps {depth} batches of {per_device / 2**20:.1f} "
+                    f"MB placed on each device ahead of the step, more than half of the "
+                    f"{free / 2**30:.2f} GiB free there; use loader.prefetch={min(fits, 2)} (at "
+                    f"most {fits} fits)")
+
+
 def _check_steps(experiment: Experiment, start: Start) -> None:
     """Trace the train and eval steps without computing, and check the eval metric names."""
     config, backend = start.config, start.backend
     batch = start.loader.peek()
+    _check_prefetch(start.loader, backend, config.loader.prefetch, batch)
     layout = start.layout
     state, sharded = layout.split_shapes(start.host_state), layout.sharded_or_none
     start.backend.trace(train_step_fn(experiment, start), state, batch, sharded)

@@ -304,3 +304,22 @@ def test_a_lock_file_that_cannot_be_written_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "could not write the lock file" in last and "File too large" in last
     assert "Traceback" not in result.stderr
+
+
+# Item 11: no unbounded memory.
+
+def test_a_prefetch_deeper_than_memory_is_refused_naming_what_fits(tmp_path):
+    config = toy_config(steps=2)
+    config.loader.prefetch = 10**9
+    with pytest.raises(UserError, match=r"loader.prefetch=1000000000 keeps .* MB placed on each "
+                                        r"device .* use loader.prefetch=2 \(at most \d+ fits\)"):
+        fit(mlp_experiment(), config, tmp_path, stream=None)
+    config.loader.prefetch = 64  # a deep prefetch that fits is fine
+    assert fit(mlp_experiment(), config, tmp_path / "ok", stream=None).step == 2
+
+
+def test_too_many_cpu_devices_are_refused_before_jax_sets_them_up(tmp_path):
+    result = run_cli("linear_regression", "--cpu-devices", "100000", "--workdir",
+                     str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2
+    assert "--cpu-devices 100000 must be between 1 and 1024" in one_line(result)
