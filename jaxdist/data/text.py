@@ -47,13 +47,15 @@ class ByteWindows:
     """A source of `tokens` windows of `length + 1` bytes (inputs and next-byte targets).
 
     Example i is `text[i * length : i * length + length + 1]`: consecutive windows share one
-    byte, so every byte but the first is a target exactly once per epoch.
+    byte, so every byte but the first is a target exactly once per epoch. Text too short for
+    one window is refused with the advice `fix` (a caller names its own config keys).
     """
 
-    def __init__(self, text: np.ndarray, length: int):
+    def __init__(self, text: np.ndarray, length: int,
+                 fix: str = "give more text or shorter windows"):
         if len(text) < length + 1:
             raise UserError(f"the text has {len(text)} bytes, fewer than one window of "
-                            f"{length + 1}; use a longer text or a smaller model.seq_len")
+                            f"{length + 1}; {fix}")
         self.text, self.length = text, length
 
     def __len__(self) -> int:
