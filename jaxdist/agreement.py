@@ -21,18 +21,22 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 
+from jaxdist.distributed import barrier_timeout, timed_out, waited_too_long
 from jaxdist.errors import UserError
+from jaxdist.workdir import read_token
 
 T = TypeVar("T")
 PREFIX = "jaxdist"
 FAILED = f"{PREFIX}/failed"
-WAIT_MS = 120_000  # how long a process waits for its peers' answers
 _rounds = itertools.count()
+SHARED_FILE_RETRIES = 5  # seconds to wait for a shared file system to show process 0's file
 
 
 def _client() -> Any:
@@ -42,12 +46,20 @@ def _client() -> Any:
 
 
 def _gather(name: str, value: str) -> list[str]:
-    """Post `value` under `name` and return every process's value, in process order."""
+    """Post `value` under `name` and return every process's value, in process order.
+
+    A process whose peers do not all answer within `--barrier-timeout` stops (one line).
+    """
     client, me = _client(), jax.process_index()
     key = f"{PREFIX}/{name}/{next(_rounds)}"
     client.key_value_set(f"{key}/{me}", value)
-    return [client.blocking_key_value_get(f"{key}/{index}", WAIT_MS)
-            for index in range(jax.process_count())]
+    try:
+        return [client.blocking_key_value_get(f"{key}/{index}", barrier_timeout() * 1000)
+                for index in range(jax.process_count())]
+    except Exception as error:
+        if not timed_out(error):
+            raise
+        raise UserError(waited_too_long(f"the processes' agreement on {name!r}")) from None
 
 
 def agree(name: str, check: Callable[[], T],
@@ -92,6 +104,53 @@ def require_same_config(flat: dict[str, Any]) -> None:
                     f"with the same command")
 
 
+def require_same_workdir(workdir: Path | None, token: str | None) -> None:
+    """Refuse (on every process) a run whose processes do not share one workdir folder.
+
+    Process 0 holds the workdir's lock, whose file carries its random `token`; every other
+    process must read that token back from its own `--workdir`. A folder that is not shared
+    (each host's own disk, a different path) would let the processes train from different
+    states, so it stops them all before the first step.
+    """
+    if jax.process_count() == 1 or workdir is None:
+        return
+    posted = [json.loads(a) for a in _gather("workdir", json.dumps(
+        {"token": token, "workdir": str(workdir)}))]
+    expected = posted[0]["token"]
+    seen = read_token(workdir)
+    for _ in range(SHARED_FILE_RETRIES):  # a shared file system may show the file late
+        if seen == expected:
+            break
+        time.sleep(1)
+        seen = read_token(workdir)
+    verdicts = [json.loads(a) for a in _gather("workdir-seen", json.dumps(seen == expected))]
+    for index, same in enumerate(verdicts):
+        if not same:
+            raise UserError(
+                f"process {index} does not see the workdir that process 0 writes (process 0: "
+                f"--workdir {posted[0]['workdir']}, process {index}: --workdir "
+                f"{posted[index]['workdir']}, whose lock file does not hold process 0's "
+                f"token); give every process the same --workdir, on a file system that all "
+                f"of them share (NFS, Lustre, Filestore)")
+
+
+def require_same_resume(resume: str) -> None:
+    """Refuse (on every process) a run whose processes would resume different checkpoints.
+
+    `resume` names what this process resumes (a checkpoint and its manifest's sha256) or
+    says "nothing".
+    """
+    if jax.process_count() == 1:
+        return
+    answers = [json.loads(a) for a in _gather("resume", json.dumps(resume))]
+    for index, other in enumerate(answers[1:], start=1):
+        if other != answers[0]:
+            raise UserError(f"the processes would not resume from the same checkpoint: process "
+                            f"0 from {answers[0]}, process {index} from {other}; give every "
+                            f"process the same --workdir, on a file system that all of them "
+                            f"share")
+
+
 def announce_failure(message: str) -> None:
     """Tell the other processes that this one is failing, and why (first failure wins)."""
     if jax.process_count() == 1:
@@ -115,17 +174,17 @@ def leave_after_failure(status: int, grace_ms: int = 5000) -> None:
     # reset by a peer that left first) must not become the last line a user reads.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    client = _client()
     try:
-        client = _client()
         client.key_value_set(f"{PREFIX}/leaving/{jax.process_index()}", "1")
-        if jax.process_index() == 0:
-            for index in range(1, jax.process_count()):
-                try:
-                    client.blocking_key_value_get(f"{PREFIX}/leaving/{index}", grace_ms)
-                except Exception:  # that peer is gone already
-                    pass
-    except Exception:  # the service is gone
+    except Exception:  # set already (by this process's other thread), or the service is gone
         pass
+    if jax.process_index() == 0:
+        for index in range(1, jax.process_count()):
+            try:
+                client.blocking_key_value_get(f"{PREFIX}/leaving/{index}", grace_ms)
+            except Exception:  # that peer is gone already, or the service is
+                pass
     os._exit(status)
 
 

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdist.distributed import barrier, barrier_timeout, timed_out, waited_too_long
 from jaxdist.errors import UserError
 from jaxdist.files import write_text_atomically
 from jaxdist.parallel import leaf_dtype
@@ -270,7 +271,9 @@ class CheckpointStore:
             self._joint_saves += 1
             tmp = self.folder / f"tmp-{final.name}-joint{self._joint_saves}"
             if self._everyone is None:
-                self._everyone = ocp.StandardCheckpointer()
+                self._everyone = _joint_checkpointer()
+            # Every process is at this save before orbax's own barriers, within our timeout.
+            barrier(f"save-{step}")
             checkpointer = self._everyone
         else:
             tmp = self.folder / f"tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
@@ -298,6 +301,8 @@ class CheckpointStore:
         except Exception as error:
             if self.writer:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if timed_out(error):  # orbax's barrier in a save split over the processes
+                raise UserError(waited_too_long(f"the save of {final.name}")) from None
             cause = _disk_error(error)
             if cause is None:
                 raise
@@ -489,6 +494,19 @@ class CheckpointStore:
         self._checkpointer.close()
         if self._everyone is not None:
             self._everyone.close()
+
+
+def _joint_checkpointer() -> ocp.StandardCheckpointer:
+    """An orbax checkpointer that every process writes with (a state split over them all).
+
+    Naming every process as active makes orbax meet them at the coordination service's
+    barriers, which time out (orbax's own limit), instead of a device collective, which
+    waits for ever; its background commit waits at most `--barrier-timeout`.
+    """
+    return ocp.StandardCheckpointer(
+        async_options=ocp.options.AsyncOptions(timeout_secs=barrier_timeout()),
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=0, active_processes=set(range(jax.process_count()))))
 
 
 def _state_step(state: PyTree) -> int | None:

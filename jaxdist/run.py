@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxdist.cli import OneLineParser, nonempty_path
 from jaxdist.distributed import (
+    DEFAULT_BARRIER_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DistributedSettings,
     initialize,
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT,
                        metavar="S", help="seconds without a heartbeat after which a peer is "
                                          "dead and every process stops (default: %(default)s)")
+    group.add_argument("--barrier-timeout", type=int, default=DEFAULT_BARRIER_TIMEOUT,
+                       metavar="S", help="seconds a process waits for the others where they "
+                                         "meet (start, checkpoints), then stops with one line "
+                                         "(default: %(default)s)")
     return parser
 
 
@@ -114,7 +119,7 @@ def run(argv: list[str] | None = None) -> int:
             coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id, auto=args.distributed,
             heartbeat_timeout=args.heartbeat_timeout,
-            initialization_timeout=args.join_timeout)):
+            initialization_timeout=args.join_timeout, barrier_timeout=args.barrier_timeout)):
         from jaxdist.agreement import FailureWatch
 
         global _peer_failures

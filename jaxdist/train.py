@@ -24,13 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdist.agreement import agree, require_same_config
+from jaxdist.agreement import (
+    agree,
+    require_same_config,
+    require_same_resume,
+    require_same_workdir,
+)
+from jaxdist.checkpoint import MANIFEST, sha256_file
 from jaxdist.compile_cache import FirstStepTimer
 from jaxdist.config import Config, flatten, to_dict, to_json
 from jaxdist.data import DevicePrefetcher, eval_batches
 from jaxdist.discovery import file_digest
 from jaxdist.dispatch import InFlightLimit, host_reads
-from jaxdist.distributed import any_process, barrier, is_primary
+from jaxdist.distributed import barrier, first_signal, is_primary
 from jaxdist.errors import UserError
 from jaxdist.experiment import Experiment
 from jaxdist.files import write_text_atomically
@@ -59,7 +65,7 @@ class TrainResult:
     step: int
     # "completed", "already_complete", "early_stopped" or "preempted"
     stop_reason: str
-    signal_name: str | None = None
+    signal_name: str | None = None  # what stopped a preempted run, e.g. "SIGTERM to process 1"
     checkpoint: Path | None = None  # the last checkpoint written or restored
     layout: StateLayout | None = None  # None: replicated
 
@@ -108,6 +114,8 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
                                                    allow_changes),
                       undo=lambda started: started.lock and started.lock.release())
     try:
+        require_same_workdir(start.workdir, start.lock and start.lock.token)
+        require_same_resume(_resume_name(start))
         require_same_config({**flatten(to_dict(start.config)),
                              "experiment": start.run.identity})
         return _train(experiment, start, stream)
@@ -116,6 +124,14 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
             start.store.close()
         if start.lock is not None:
             start.lock.release()
+
+
+def _resume_name(start: Start) -> str:
+    """What this process resumes: a checkpoint and its manifest's sha256, or nothing."""
+    if start.resumed_meta is None:
+        return "nothing"
+    path = start.store.path(start.step)
+    return f"{path.name} (manifest sha256 {sha256_file(path / MANIFEST)[:16]})"
 
 
 def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> TrainResult:
@@ -224,6 +240,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
             finish_saving()
 
     stop_reason, eval_values, in_flight = "completed", None, InFlightLimit()
+    stopped_by = None  # the signal that stopped the run ("SIGTERM to process 1" from a peer)
     single = jax.process_count() == 1
     first_step = FirstStepTimer()
     logger.start_progress(step)
@@ -256,9 +273,12 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                             stop_reason = "early_stopped"
                     # Every process must stop after the same step: alone, at once; with
                     # peers, at the next log point, where they agree (one small all-gather).
-                    if (watch.requested if single else (step % t.log_every == 0 and (
-                            any_process(watch.requested)))):
-                        stop_reason = "preempted"
+                    if single and watch.requested:
+                        stop_reason, stopped_by = "preempted", watch.signal_name
+                    elif not single and step % t.log_every == 0:
+                        stopped_by = first_signal(watch.signal_name)
+                        if stopped_by is not None:
+                            stop_reason = "preempted"
                     if stop_reason != "completed":
                         save(batches.state(), eval_values, stop_reason, last=True)
                         break
@@ -277,9 +297,12 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
                         stop=(lambda: watch.requested) if single else None)
                     if eval_values is None:
                         stop_reason = "preempted"
-                if (stop_reason == "completed" and not single
-                        and any_process(watch.requested)):
-                    stop_reason = "preempted"
+                if stop_reason == "completed" and not single:
+                    stopped_by = first_signal(watch.signal_name)
+                    if stopped_by is not None:
+                        stop_reason = "preempted"
+                elif stop_reason == "preempted":
+                    stopped_by = watch.signal_name
                 save(loader_state, eval_values, stop_reason, last=True)
         if writer is not None:
             finish_saving()  # e.g. when the last save was skipped (non-finite parameters)
@@ -295,7 +318,7 @@ def _train(experiment: Experiment, start: Start, stream: TextIO | None) -> Train
     finally:
         logger.close()
     return TrainResult(state, backend, config, logger.records, loader_state, step, stop_reason,
-                       signal_name=watch.signal_name, checkpoint=run.checkpoint,
+                       signal_name=stopped_by, checkpoint=run.checkpoint,
                        layout=layout)
 
 
