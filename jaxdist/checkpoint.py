@@ -36,6 +36,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,6 +179,25 @@ def _quiet_orbax_errors() -> None:
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxErrors) for f in absl.filters):
         absl.addFilter(_OrbaxErrors())
+    if not getattr(sys.unraisablehook, "drops_closed_loops", False):
+        sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
+
+
+def _without_closed_loops(hook: Any) -> Any:
+    """`hook` (`sys.unraisablehook`), silent about asyncio's "Event loop is closed".
+
+    After a failed write, orbax closes its event loop while tensorstore still has writes
+    whose callbacks post to it; each printed that traceback (about 15 of them) before
+    jaxdist's one line.
+    """
+    def quiet(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    quiet.drops_closed_loops = True  # type: ignore[attr-defined]
+    return quiet
 
 
 class CheckpointStore:

@@ -323,3 +323,40 @@ def test_too_many_cpu_devices_are_refused_before_jax_sets_them_up(tmp_path):
                      str(tmp_path / "run"), timeout=120)
     assert result.returncode == 2
     assert "--cpu-devices 100000 must be between 1 and 1024" in one_line(result)
+
+
+# Item 13: a full disk during logging, and during a background save, is one line.
+
+def capped(kib, *args, prelude=""):
+    """`python -m jaxdist.run ARGS` with files limited to `kib` KiB (a disk that fills up)."""
+    code = (f"import sys{prelude}; from jaxdist.run import main; "
+            f"sys.exit(main(sys.argv[1:]))")
+    command = " ".join([sys.executable, "-c", repr(code), *args])
+    return subprocess.run(["bash", "-c", f"ulimit -f {kib}; trap '' XFSZ; exec {command}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_while_logging_is_one_line_naming_what_is_intact(tmp_path):
+    workdir = tmp_path / "run"
+    result = capped(8, "linear_regression", "--workdir", str(workdir), "train.steps=3000",
+                    "train.log_every=1", "train.checkpoint_every=0", "--compilation-cache",
+                    str(tmp_path / "cache"))
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "could not write TensorBoard's events" in line and "File too large" in line
+    assert "metrics.jsonl and the checkpoints are intact" in line
+    records = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+
+
+def test_a_disk_that_fills_during_a_background_save_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["digits_mlp", "--workdir", str(workdir), "train.checkpoint_every=1",
+            "train.eval_every=0"]
+    assert run_cli(*args, "train.steps=1").returncode == 0
+    # The room is checked before a save; here the disk fills after that check.
+    result = capped(1024, *args, "train.steps=3",
+                    prelude="; import jaxdist.checkpoint as c; c._lacking_room = lambda *a: None")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "could not write checkpoint" in line and "step_00000001 is intact" in line
