@@ -15,28 +15,17 @@ complete, so a process killed at any moment leaves either the new checkpoint who
 trace of it. Deletion renames first, for the same reason. Restore checks the manifest and
 refuses, with a one-line error, a checkpoint whose files were altered, truncated or added.
 
-A state split over the devices (`parallel.shard`) is saved as it lies: each split leaf is a
-global array `[devices * chunk]` (flattened, zero-padded), and each process writes the
-chunks of its own devices (orbax's `ocdbt.process_N/`), so no host ever holds the whole
-state. `meta.json` names the split leaves and the device count they were cut for. A restore
-reads each split leaf into the cut the new run wants: another device count reads other
-ranges of the same flat leaf (orbax cuts or zero-pads the padding at its end), and a run
-that keeps a leaf whole gets it back in its logical shape.
+A state split over the devices (`parallel.shard`) is saved as it lies, each process writing
+its own devices' chunks, and read back in the cut a new run wants: `jaxdist.checkpoint_split`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import json
-import logging
 import math
 import os
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,95 +35,33 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdist.distributed import barrier, barrier_timeout, timed_out, waited_too_long
+from jaxdist import disk
+from jaxdist.checkpoint_integrity import (
+    FORMAT,
+    META,
+    STATE_META_SHAPE,
+    InProgress,
+    check_fits,
+    check_manifest,
+    check_state_step,
+    tree_signature,
+    write_meta_and_manifest,
+)
+from jaxdist.checkpoint_split import as_asked, as_saved, joint_checkpointer
+from jaxdist.distributed import barrier, timed_out, waited_too_long
 from jaxdist.errors import UserError
-from jaxdist.files import write_text_atomically
+from jaxdist.orbax_quiet import quiet_orbax_errors
 from jaxdist.parallel import leaf_dtype
-from jaxdist.schema import Each, check, load_json
+from jaxdist.schema import load_json
 
 PyTree = Any
-FORMAT = "jaxdist-checkpoint-1"
 PREFIX = "step_"
-MANIFEST = "manifest.json"
-META = "meta.json"
 _UNSCANNED = object()
-
-NUMBER_OR_NULL = (float, None)
-MANIFEST_SHAPE = {"format": str, "files": Each(str)}
-# What a resumed run reads of meta.json (a tool restoring the state needs only the first
-# four; `RunState.meta` writes the rest).
-STATE_META_SHAPE = {"format": str, "step": int, "signature": Each(str), "split": Each(int)}
-RUN_META_SHAPE = {
-    **STATE_META_SHAPE,
-    "config": dict, "identity": dict, "devices": int, "stop_reason": str,
-    "loader": {"epoch": int, "index": int},
-    "window": {"totals": Each(float), "steps": int},
-    "early_stopping": {"best": NUMBER_OR_NULL, "best_step": (int, None),
-                       "bad_evaluations": int},
-    "nonfinite": {"run": int},
-    "eval": (None, Each(NUMBER_OR_NULL)),
-}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def tree_signature(tree: PyTree) -> dict[str, str]:
-    """`{path: "dtype[shape]"}` for every leaf: what must match for a restore to fit."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): f"{leaf_dtype(leaf)}{list(np.shape(leaf))}"
-            for path, leaf in leaves}
 
 
 def _nbytes(tree: PyTree) -> int:
     """The bytes of every leaf of `tree` (global arrays counted whole, nothing copied)."""
     return sum(math.prod(np.shape(x)) * leaf_dtype(x).itemsize for x in jax.tree.leaves(tree))
-
-
-class InProgress:
-    """A lock held on `tmp-NAME.lock` beside a save's `tmp-NAME` folder while it is written.
-
-    The cleaning at a run's start removes only temporary folders whose lock nobody holds,
-    so it never removes the folder of a save another live process is writing.
-    """
-
-    def __init__(self, tmp: Path):
-        self.path = tmp.with_name(tmp.name + ".lock")
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    @staticmethod
-    def held_by_another(tmp: Path) -> bool:
-        """Whether another process is writing the temporary folder `tmp` now."""
-        try:
-            fd = os.open(tmp.with_name(tmp.name + ".lock"), os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-
-    def release(self) -> None:
-        """Remove the lock file, then let go of the lock."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            os.close(self._fd)
-            self._fd = None
 
 
 class PendingSave:
@@ -155,7 +82,7 @@ class PendingSave:
             with store._failures_of(self.final, tmp, self.size):
                 self.checkpointer.wait_until_finished()
                 if store.writer:
-                    store._finish(tmp, self.meta)
+                    write_meta_and_manifest(tmp, self.meta)
             if store.writer:
                 store._publish(tmp, self.final)
         finally:
@@ -164,48 +91,12 @@ class PendingSave:
         return self.final
 
 
-class _OrbaxErrors(logging.Filter):
-    """Drops orbax's own ERROR logs: each failed write also raises, and jaxdist reports it.
-
-    A full disk during a background save made orbax log the same failure with a traceback
-    from several of its threads before the error reached jaxdist's one line.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-
-def _quiet_orbax_errors() -> None:
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxErrors) for f in absl.filters):
-        absl.addFilter(_OrbaxErrors())
-    if not getattr(sys.unraisablehook, "drops_closed_loops", False):
-        sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
-
-
-def _without_closed_loops(hook: Any) -> Any:
-    """`hook` (`sys.unraisablehook`), silent about asyncio's "Event loop is closed".
-
-    After a failed write, orbax closes its event loop while tensorstore still has writes
-    whose callbacks post to it; each printed that traceback (about 15 of them) before
-    jaxdist's one line.
-    """
-    def quiet(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        hook(unraisable)
-
-    quiet.drops_closed_loops = True  # type: ignore[attr-defined]
-    return quiet
-
-
 class CheckpointStore:
     """The checkpoints of one workdir: save, list, verify, restore, prune."""
 
     def __init__(self, folder: Path, keep: int = 3, best_metric: str = "",
                  best_mode: str = "min", writer: bool = True):
-        _quiet_orbax_errors()
+        quiet_orbax_errors()
         self.folder = Path(folder).absolute()  # orbax requires absolute paths
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
         # The state is replicated, so in a multi-process run one process (the writer)
@@ -284,14 +175,14 @@ class CheckpointStore:
         if self.writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Checked first, because orbax reports a failed write from several threads at once.
-            cause = _lacking_room(self.folder, size)
+            cause = disk.lacking_room(self.folder, size)
             if cause is not None:
                 raise self._refuse(final, size, cause)
         if jointly:  # a name every process knows
             self._joint_saves += 1
             tmp = self.folder / f"tmp-{final.name}-joint{self._joint_saves}"
             if self._everyone is None:
-                self._everyone = _joint_checkpointer()
+                self._everyone = joint_checkpointer()
             # Every process is at this save before orbax's own barriers, within our timeout.
             barrier(f"save-{step}")
             checkpointer = self._everyone
@@ -323,7 +214,7 @@ class CheckpointStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             if timed_out(error):  # orbax's barrier in a save split over the processes
                 raise UserError(waited_too_long(f"the save of {final.name}")) from None
-            cause = _disk_error(error)
+            cause = disk.disk_error(error)
             if cause is None:
                 raise
             raise self._refuse(final, size, cause) from None
@@ -337,14 +228,6 @@ class CheckpointStore:
                          f"{size / 2**20:.1f} MB); {kept}. Free space (or raise the "
                          f"limit) and rerun to resume")
 
-    def _finish(self, tmp: Path, meta: dict[str, Any]) -> None:
-        """Add meta.json and the manifest of every file to the written state in `tmp`."""
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        manifest = {"format": FORMAT,
-                    "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
-        write_text_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True)
-                              + "\n")
-
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the complete `tmp` to `final` (replacing one there), then prune."""
         if final.exists():
@@ -354,7 +237,7 @@ class CheckpointStore:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(self.folder)
+        disk.fsync_dir(self.folder)
         self._prune()
 
     def remember(self, step: int, meta: dict[str, Any]) -> None:
@@ -373,25 +256,7 @@ class CheckpointStore:
         folder = self.path(step)
         fix = (f"delete {folder} to resume from the checkpoint before it, or start a new "
                f"--workdir")
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"checkpoint {folder} has no readable {MANIFEST}: it is damaged "
-                            f"or not a jaxdist checkpoint; {fix}")
-        manifest = load_json(manifest_path, dict, fix, f"checkpoint {folder}'s {MANIFEST}")
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"checkpoint {folder} is not a {FORMAT} checkpoint; {fix}")
-        listed = check(manifest, MANIFEST_SHAPE, f"checkpoint {folder}'s {MANIFEST}",
-                       fix)["files"]
-        present = {str(p.relative_to(folder)): p for p in _files(folder)}
-        for name in sorted(set(listed) | set(present)):
-            if name not in present:
-                raise UserError(f"checkpoint {folder} lacks its file {name}; {fix}")
-            if name not in listed:
-                raise UserError(f"checkpoint {folder} holds a file its manifest does not list "
-                                f"({name}); {fix}")
-            if sha256_file(present[name]) != listed[name]:
-                raise UserError(f"checkpoint {folder} file {name} does not match its sha256 "
-                                f"(altered or truncated); {fix}")
+        check_manifest(folder, fix)
         meta = load_json(folder / META, shape, fix, f"checkpoint {folder}'s {META}")
         if meta["step"] != step:
             raise UserError(f"checkpoint {folder} holds step {meta['step']}, not the step its "
@@ -412,26 +277,11 @@ class CheckpointStore:
         """
         meta = self.verify(step) if meta is None else meta
         where = self.path(step)
-        want, have = tree_signature(target), meta["signature"]
-        if want != have:
-            differences = [f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} "
-                           f"now" for key in sorted(set(want) | set(have))
-                           if want.get(key) != have.get(key)]
-            raise UserError(f"checkpoint {where} does not fit this model/optimizer "
-                            f"({'; '.join(differences[:3])}"
-                            f"{'; ...' if len(differences) > 3 else ''}); use the config it was "
-                            f"saved with, or a new --workdir")
-        split = meta.get("split") or {}
-        odd = [key for key, devices in split.items()
-               if key not in have or not isinstance(devices, int) or devices < 1]
-        if odd:
-            raise UserError(f"checkpoint {where} names split leaves that its state does not "
-                            f"hold ({odd[0]}): its meta.json is damaged; delete {where} to "
-                            f"resume from the checkpoint before it, or start a new --workdir")
+        split = check_fits(where, target, meta)
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(target)
         wanted = [None] * len(with_paths) if placed is None else treedef.flatten_up_to(placed)
         keys = [jax.tree_util.keystr(path) for path, _ in with_paths]
-        asked = [_as_saved(key, leaf, split, want)
+        asked = [as_saved(key, leaf, split, want)
                  for key, (_, leaf), want in zip(keys, with_paths, wanted, strict=True)]
         try:
             restored = self._checkpointer.restore(where / "state", treedef.unflatten(asked),
@@ -441,7 +291,7 @@ class CheckpointStore:
             raise UserError(f"checkpoint {where}'s state does not match its meta.json "
                             f"({last}); delete {where} to resume from the checkpoint before "
                             f"it, or start a new --workdir") from None
-        leaves = [_as_asked(key, leaf, got, split, want) for key, (_, leaf), got, want
+        leaves = [as_asked(key, leaf, got, split, want) for key, (_, leaf), got, want
                   in zip(keys, with_paths, treedef.flatten_up_to(restored), wanted,
                          strict=True)]
         for key, (_, leaf), got, want in zip(keys, with_paths, leaves, wanted, strict=True):
@@ -452,11 +302,7 @@ class CheckpointStore:
                                 f"{list(expected)}); delete {where} to resume from the "
                                 f"checkpoint before it, or start a new --workdir")
         state = treedef.unflatten(leaves)
-        held = _state_step(state)
-        if held is not None and held != step:
-            raise UserError(f"checkpoint {where} says step {step} in its name and meta.json, "
-                            f"but its state is at step {held}: it was altered; delete {where} "
-                            f"to resume from the checkpoint before it, or start a new --workdir")
+        check_state_step(where, state, step)
         return state, meta
 
     def best_step(self) -> int | None:
@@ -514,78 +360,3 @@ class CheckpointStore:
         self._checkpointer.close()
         if self._everyone is not None:
             self._everyone.close()
-
-
-def _joint_checkpointer() -> ocp.StandardCheckpointer:
-    """An orbax checkpointer that every process writes with (a state split over them all).
-
-    Naming every process as active makes orbax meet them at the coordination service's
-    barriers, which time out (orbax's own limit), instead of a device collective, which
-    waits for ever; its background commit waits at most `--barrier-timeout`.
-    """
-    return ocp.StandardCheckpointer(
-        async_options=ocp.options.AsyncOptions(timeout_secs=barrier_timeout()),
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=0, active_processes=set(range(jax.process_count()))))
-
-
-def _state_step(state: PyTree) -> int | None:
-    """The step a restored state holds (a TrainState's `step`, or a `"step"` entry)."""
-    step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
-    if step is None or np.ndim(step) != 0:
-        return None
-    return int(np.asarray(step))
-
-
-def _as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:
-    """What orbax should read a leaf as: the wanted cut, the saved flat leaf, or numpy."""
-    if key not in split:
-        return leaf
-    if want is not None:
-        return want
-    size = math.prod(np.shape(leaf))
-    return np.zeros(split[key] * max(1, -(-size // split[key])), leaf_dtype(leaf))
-
-
-def _as_asked(key: str, leaf: Any, got: Any, split: dict[str, int], want: Any) -> Any:
-    """A restored leaf in the form asked for: a split leaf wanted whole is cut and reshaped."""
-    if key in split and want is None:
-        return np.asarray(got).reshape(-1)[:math.prod(np.shape(leaf))].reshape(np.shape(leaf))
-    return got
-
-
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size "
-               "limit was reached", errno.EDQUOT: "the disk quota was reached"}
-
-
-def _lacking_room(folder: Path, size: int) -> str | None:
-    """Why `size` bytes of state will not fit in `folder` (free space, file-size limit)."""
-    if shutil.disk_usage(folder).free < size + (16 << 20):
-        return DISK_ERRORS[errno.ENOSPC]
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and limit < size:
-        return DISK_ERRORS[errno.EFBIG]
-    return None
-
-
-def _disk_error(error: BaseException) -> str | None:
-    """Words for a full disk, file-size limit or quota anywhere in `error`'s chain, else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            return DISK_ERRORS[error.errno]
-        text = str(error)
-        for code, words in DISK_ERRORS.items():
-            if os.strerror(code) in text:
-                return words
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,8 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdist.checkpoint import RUN_META_SHAPE, CheckpointStore
-from jaxdist.config import Config, check_allowed_changes, resume_conflicts, to_dict, validate
+from jaxdist.checkpoint import CheckpointStore
+from jaxdist.checkpoint_integrity import RUN_META_SHAPE
+from jaxdist.config import Config, check_allowed_changes, resume_conflicts, to_dict
+from jaxdist.config_checks import validate
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
 from jaxdist.devices import free_memory_per_device
 from jaxdist.distributed import is_primary

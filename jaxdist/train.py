@@ -30,7 +30,7 @@ from jaxdist.agreement import (
     require_same_resume,
     require_same_workdir,
 )
-from jaxdist.checkpoint import MANIFEST, sha256_file
+from jaxdist.checkpoint_integrity import MANIFEST, sha256_file
 from jaxdist.compile_cache import FirstStepTimer
 from jaxdist.config import Config, flatten, to_dict, to_json
 from jaxdist.data import DevicePrefetcher, eval_batches

@@ -34,7 +34,8 @@ def main() -> None:
     import numpy as np
 
     import jaxdist
-    from jaxdist.checkpoint import CheckpointStore, _files, sha256_file
+    from jaxdist.checkpoint import CheckpointStore
+    from jaxdist.checkpoint_integrity import checkpoint_files, sha256_file
     from jaxdist.optimizers import build_optimizer
     from jaxdist.saving import CheckpointWriter
     from jaxdist.start import initial_state
@@ -66,7 +67,7 @@ def main() -> None:
         total.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    for path in _files(store.path(2 * args.saves)):
+    for path in checkpoint_files(store.path(2 * args.saves)):
         sha256_file(path)
     hashing = time.perf_counter() - started
     store.close()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxdist import fit
-from jaxdist.checkpoint import MANIFEST, META, CheckpointStore, sha256_file
+from jaxdist.checkpoint import CheckpointStore
+from jaxdist.checkpoint_integrity import MANIFEST, META, sha256_file
 from jaxdist.errors import UserError
 from tests.toy import mlp_experiment, toy_config
 

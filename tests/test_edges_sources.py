@@ -386,10 +386,10 @@ def test_a_source_kept_until_exit_closes_its_files_quietly(tmp_path):
 
 
 def test_rows_are_read_where_os_has_no_preadv(tmp_path, monkeypatch):
-    import jaxdist.data.sources as sources
+    import jaxdist.data.shard_files as shard_files
 
     monkeypatch.delattr(os, "preadv")
-    monkeypatch.setattr(sources, "HAVE_PREADV", False)
+    monkeypatch.setattr(shard_files, "HAVE_PREADV", False)
     data = layouts(120)
     source = NpyFolderSource(write_shards(tmp_path / "s", data, rows_per_shard=50))
     indices = np.random.default_rng(3).integers(0, 120, 40)

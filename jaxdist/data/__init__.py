@@ -10,15 +10,14 @@ from jaxdist.data.loader import (
 )
 from jaxdist.data.prefetch import DevicePrefetcher
 from jaxdist.data.row_random import RowRandom
+from jaxdist.data.shards import NpyFolderSource, write_shards
 from jaxdist.data.sources import (
     ArraySource,
     MapSource,
-    NpyFolderSource,
     Source,
     as_source,
     column,
     validate_arrays,
-    write_shards,
 )
 
 __all__ = [
