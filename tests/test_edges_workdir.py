@@ -356,7 +356,22 @@ def test_a_disk_that_fills_during_a_background_save_is_one_line(tmp_path):
     assert run_cli(*args, "train.steps=1").returncode == 0
     # The room is checked before a save; here the disk fills after that check.
     result = capped(1024, *args, "train.steps=3",
-                    prelude="; import jaxdist.checkpoint as c; c._lacking_room = lambda *a: None")
+                    prelude="; import jaxdist.disk as d; d.lacking_room = lambda *a: None")
     assert result.returncode == 2
     line = one_line(result)
     assert "could not write checkpoint" in line and "step_00000001 is intact" in line
+
+
+def test_a_full_disk_when_the_log_is_rewritten_at_a_resume_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    first = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=200",
+                    "train.log_every=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (workdir / "metrics.jsonl").read_text()
+    assert len(before) > 8192  # more than the limit below
+    result = capped(4, "linear_regression", "--workdir", str(workdir), "train.steps=400",
+                    "train.log_every=1")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "could not rewrite" in line and "metrics.jsonl" in line and "it is intact" in line
+    assert (workdir / "metrics.jsonl").read_text() == before
