@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+MAX_PROCESSES = 64  # local processes; beyond that, a cluster's launcher is the tool
 
 
 def free_port() -> int:
@@ -176,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="also show gloo's connection lines")
     args, run_args = parser.parse_known_args(argv)
-    if args.num_processes < 1 or args.local_devices < 1:
-        print("error: --num-processes and --local-devices must be >= 1", file=sys.stderr)
+    if not 1 <= args.num_processes <= MAX_PROCESSES or args.local_devices < 1:
+        print(f"error: --num-processes must be between 1 and {MAX_PROCESSES} (each is a whole "
+              f"Python process with JAX on this machine) and --local-devices >= 1",
+              file=sys.stderr)
         return 2
     if not run_args:
         print("error: name an experiment, e.g. python -m jaxdist.launch --num-processes 2 "

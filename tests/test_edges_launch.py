@@ -76,3 +76,12 @@ def test_a_sigkilled_launcher_takes_its_processes_with_it(tmp_path):
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_launcher_refuses_more_processes_than_a_machine_should_start():
+    result = subprocess.run([sys.executable, "-m", "jaxdist.launch", "--num-processes",
+                             "100000", "linear_regression"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "--num-processes must be between 1 and 64" in result.stderr
