@@ -49,7 +49,7 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content,fragment", [("{not json", "is not valid JSON"),
-                                              ("[1, 2]", "does not hold a config")])
+                                              ("[1, 2]", "is damaged: it should be an object")])
 def test_a_damaged_config_json_is_refused(tmp_path, content, fragment):
     (tmp_path / "config.json").write_text(content)
     line = one_line(run_cli("linear_regression", "--workdir", str(tmp_path), "train.steps=2"))
