@@ -2,8 +2,8 @@
 
 (1) Examples/s the loader delivers on its own (host batches; then host batches placed on
     the devices through the prefetch thread), for a digits-sized source (1797 x 64 float32)
-    and a CIFAR-sized one (50000 x 32x32x3 uint8), in memory and as a memory-mapped `.npy`
-    shard folder.
+    and a CIFAR-sized one (50000 x 32x32x3 uint8), in memory and as a `.npy` shard folder
+    (read with `os.pread`).
 (2) Training steps/s of an MLP on the CIFAR-sized data, fed by the loader (in memory, and
     from the shard folder) vs fed the same kind of batches already placed on the devices.
     Target: step time with the loader <= 1.03 x without (time ratio in the table).
