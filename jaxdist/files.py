@@ -12,15 +12,21 @@ from jaxdist.errors import UserError
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, flush it to disk, rename it over `path`.
 
-    Readers see the old content or the new one, never a mix; a crash leaves the old one.
+    Readers see the old content or the new one, never a mix; a crash leaves the old one. A
+    write that fails (a full disk) leaves the old file too, and is one line (`UserError`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({error.strerror}); it is unchanged: free "
+                        f"space on that disk and rerun the same command") from None
 
 
 def output_folder(workdir: Path, name: str) -> Path:

@@ -137,12 +137,7 @@ class MetricsLogger:
             fix = ("repair or remove it (the checkpoints hold the run), or start over with "
                    "--restart")
             kept = [r for r in read_records(self.path, fix) if r["step"] <= step]
-            try:
-                write_text_atomically(self.path, "".join(to_json_line(r) for r in kept))
-            except OSError as error:
-                raise UserError(f"could not rewrite {self.path} from the checkpoint's step "
-                                f"{step} ({error.strerror}); it is intact, as are the "
-                                f"checkpoints: free space and rerun the same command") from None
+            write_text_atomically(self.path, "".join(to_json_line(r) for r in kept))
         self.records = kept
         if self.workdir is not None:
             from jaxdist.events import EventFile

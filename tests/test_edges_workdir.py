@@ -373,5 +373,14 @@ def test_a_full_disk_when_the_log_is_rewritten_at_a_resume_is_one_line(tmp_path)
                     "train.log_every=1")
     assert result.returncode == 2
     line = one_line(result)
-    assert "could not rewrite" in line and "metrics.jsonl" in line and "it is intact" in line
+    assert "could not write" in line and "metrics.jsonl" in line and "it is unchanged" in line
     assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_a_config_json_that_cannot_be_written_is_one_line(tmp_path):
+    result = capped(1, "linear_regression", "--workdir", str(tmp_path / "run"),
+                    "train.steps=3")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"could not write {tmp_path / 'run' / 'config.json'} (File too large)" in line
+    assert not list((tmp_path / "run").glob(".config.json.tmp-*"))
