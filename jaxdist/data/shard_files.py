@@ -13,7 +13,6 @@ import math
 import os
 import resource
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +41,6 @@ class ShardFile(TokenFile):
             if error.errno != errno.EMFILE or not _raise_open_file_limit():
                 raise _cannot_open(path, error) from None
             self.__init__(path)  # once more, under the raised limit
-
-    def __del__(self, close: Callable[[int], None] = os.close) -> None:
-        """Close the descriptor (`os.close` bound here: at exit, module globals are gone)."""
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            close(fd)
 
     def truncated(self) -> UserError:
         """The one-line error for this shard having shrunk since it was opened."""

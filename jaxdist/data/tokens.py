@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +73,11 @@ class TokenFile:
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
 
-    def __del__(self) -> None:
+    def __del__(self, close: Callable[[int], None] = os.close) -> None:
+        """Close the descriptor (`os.close` bound here: at exit, module globals are gone)."""
         fd = getattr(self, "fd", None)
         if fd is not None:
-            os.close(fd)
+            close(fd)
 
     def truncated(self) -> UserError:
         """The one-line error for this file having shrunk since it was opened."""
