@@ -10,6 +10,9 @@ signal handling before jax is imported (a Ctrl-C during start-up is then one lin
 from __future__ import annotations
 
 import importlib
+import sys
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
@@ -27,6 +30,21 @@ __all__ = [
     "TrainConfig", "TrainResult", "TrainState", "UserError", "fit", "load", "make_backend",
     "make_eval_step", "make_train_step",
 ]
+
+def _starting_the_run_command() -> bool:
+    """Whether this process is `python -m jaxdist.run` (or the `jaxdist` script) starting."""
+    argv = list(getattr(sys, "orig_argv", ()))
+    if "-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["jaxdist.run"]:
+        return True
+    return len(argv) > 1 and Path(argv[1]).name == "jaxdist"
+
+
+# The command's Ctrl-C and SIGTERM are one line from here on, the first code of jaxdist that
+# runs, rather than from its `main` (a signal before that was a KeyboardInterrupt traceback).
+if _starting_the_run_command() and threading.current_thread() is threading.main_thread():
+    from jaxdist.preemption import StartupSignals
+
+    StartupSignals.install()
 
 if TYPE_CHECKING:
     from jaxdist.config import Config, OptimizerConfig, ParallelConfig, TrainConfig

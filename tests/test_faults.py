@@ -285,3 +285,21 @@ def test_a_map_style_data_set_feeds_the_digits_helper_a_batch_at_a_time():
     reads = train_set.batched_reads
     assert result.last("eval")["examples"] == len(test["label"]) and reads >= 4
     assert result.last("train")["loss"] < result.records[0]["loss"] * 1.5
+
+
+def test_a_signal_right_after_the_package_import_is_one_line(tmp_path):
+    # The moment before jaxdist.run's own imports (the command's module, then jax): the
+    # package itself holds the signal from its first line when it is the run command.
+    script = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        sys.orig_argv = [sys.executable, "-m", "jaxdist.run"]
+        import jaxdist
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.argv = ["jaxdist.run", "linear_regression", "--workdir", {str(tmp_path / "run")!r}]
+        runpy.run_module("jaxdist.run", run_name="__main__")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: interrupted by SIGINT during start-up; nothing was saved"]
