@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from jaxdist import Experiment, ExplainSpec
 from jaxdist.data import as_source, column
 from jaxdist.data.augment import random_crop
-from jaxdist.losses import accuracy, check_labels, cross_entropy
+from jaxdist.step.losses import accuracy, check_labels, cross_entropy
 
 
 def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

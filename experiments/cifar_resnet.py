@@ -38,12 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
+from jaxdist.base.errors import UserError
 from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop, random_flip
-from jaxdist.errors import UserError
-from jaxdist.losses import accuracy, check_labels, cross_entropy
 from jaxdist.models.resnet import ResNet
-from jaxdist.precision import compute_dtype
+from jaxdist.step.losses import accuracy, check_labels, cross_entropy
+from jaxdist.step.precision import compute_dtype
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)

@@ -33,9 +33,9 @@ from experiments import digits_cnn
 from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment
 from jaxdist.config import apply_overrides
-from jaxdist.losses import accuracy, class_weights_for
 from jaxdist.models.cnn import SmallCNN
-from jaxdist.precision import compute_dtype
+from jaxdist.step.losses import accuracy, class_weights_for
+from jaxdist.step.precision import compute_dtype
 
 MINORITY = (3, 8)
 
@@ -102,7 +102,7 @@ def build(config: Config) -> Experiment:
 def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:
     """Train the three variants and print accuracy and minority recall side by side."""
     from jaxdist.config import apply_overrides
-    from jaxdist.train import fit
+    from jaxdist.loop.fit import fit
 
     rows = []
     for name, overrides in [("plain", []),

@@ -22,7 +22,7 @@ from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.models.mlp import MLP
-from jaxdist.precision import compute_dtype
+from jaxdist.step.precision import compute_dtype
 
 
 @dataclass

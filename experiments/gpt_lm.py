@@ -49,14 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
+from jaxdist.base.errors import UserError
 from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
 from jaxdist.data.tokens import describe_split, token_windows
-from jaxdist.errors import UserError
-from jaxdist.losses import chunked_cross_entropy, cross_entropy
 from jaxdist.models.gpt import GPT, SIZES, check_attention
-from jaxdist.precision import compute_dtype
-from jaxdist.sharding import gather_where_used
+from jaxdist.parallel.layout import gather_where_used
+from jaxdist.step.losses import chunked_cross_entropy, cross_entropy
+from jaxdist.step.precision import compute_dtype
 
 
 @dataclass

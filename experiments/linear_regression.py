@@ -30,7 +30,7 @@ from sklearn.datasets import load_diabetes
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
-from jaxdist.precision import cast_floats, compute_dtype
+from jaxdist.step.precision import cast_floats, compute_dtype
 
 
 @dataclass

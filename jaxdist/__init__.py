@@ -16,19 +16,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "Backend": "jaxdist.parallel", "make_backend": "jaxdist.parallel",
+    "Backend": "jaxdist.parallel.backend", "make_backend": "jaxdist.parallel.backends",
     "Config": "jaxdist.config", "OptimizerConfig": "jaxdist.config",
     "ParallelConfig": "jaxdist.config", "TrainConfig": "jaxdist.config",
-    "Experiment": "jaxdist.experiment", "ExplainSpec": "jaxdist.experiment",
-    "TrainResult": "jaxdist.train", "fit": "jaxdist.train",
-    "TrainState": "jaxdist.step", "make_eval_step": "jaxdist.step",
-    "make_train_step": "jaxdist.step",
-    "UserError": "jaxdist.errors", "load": "jaxdist.discovery",
+    "Experiment": "jaxdist.step.experiment", "ExplainSpec": "jaxdist.step.experiment",
+    "TrainResult": "jaxdist.loop.fit", "fit": "jaxdist.loop.fit",
+    "TrainState": "jaxdist.step.steps", "make_eval_step": "jaxdist.step.steps",
+    "make_train_step": "jaxdist.step.steps",
+    "UserError": "jaxdist.base.errors", "load": "jaxdist.loop.discovery",
+    "use_cpu_devices": "jaxdist.parallel.devices",
 }
 __all__ = [
     "Backend", "Config", "Experiment", "ExplainSpec", "OptimizerConfig", "ParallelConfig",
     "TrainConfig", "TrainResult", "TrainState", "UserError", "fit", "load", "make_backend",
-    "make_eval_step", "make_train_step",
+    "make_eval_step", "make_train_step", "use_cpu_devices",
 ]
 
 def _starting_the_run_command() -> bool:
@@ -42,18 +43,20 @@ def _starting_the_run_command() -> bool:
 # The command's Ctrl-C and SIGTERM are one line from here on, the first code of jaxdist that
 # runs, rather than from its `main` (a signal before that was a KeyboardInterrupt traceback).
 if _starting_the_run_command() and threading.current_thread() is threading.main_thread():
-    from jaxdist.preemption import StartupSignals
+    from jaxdist.loop.preemption import StartupSignals
 
     StartupSignals.install()
 
 if TYPE_CHECKING:
+    from jaxdist.base.errors import UserError
     from jaxdist.config import Config, OptimizerConfig, ParallelConfig, TrainConfig
-    from jaxdist.discovery import load
-    from jaxdist.errors import UserError
-    from jaxdist.experiment import Experiment, ExplainSpec
-    from jaxdist.parallel import Backend, make_backend
-    from jaxdist.step import TrainState, make_eval_step, make_train_step
-    from jaxdist.train import TrainResult, fit
+    from jaxdist.loop.discovery import load
+    from jaxdist.loop.fit import TrainResult, fit
+    from jaxdist.parallel.backend import Backend
+    from jaxdist.parallel.backends import make_backend
+    from jaxdist.parallel.devices import use_cpu_devices
+    from jaxdist.step.experiment import Experiment, ExplainSpec
+    from jaxdist.step.steps import TrainState, make_eval_step, make_train_step
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ than letters, digits, `.`, `_` and `-` replaced by `_` (and a leading `.` or `-`
 gets `-2`, `-3`, ... appended. Nothing is written outside `WORKDIR/plots/`, and a link
 there is replaced, not written through.
 
-Every line of `metrics.jsonl` must be a logged point (`jaxdist.records`: a JSON object with
+Every line of `metrics.jsonl` must be a logged point (`jaxdist.base.records`: a JSON object with
 an integer `step`, a string `split` and numbers or nulls), except a last line cut short by
 a crash (skipped) and blank lines; anything else is refused with one line naming the file
 and the line.
@@ -20,10 +20,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from jaxdist.cli import OneLineParser, print_paths
-from jaxdist.errors import UserError
-from jaxdist.files import output_folder, replace_inside
-from jaxdist.records import METRICS_FILE, read_records
+from jaxdist.base.cli import OneLineParser, print_paths
+from jaxdist.base.errors import UserError
+from jaxdist.base.files import output_folder, replace_inside
+from jaxdist.base.records import METRICS_FILE, read_records
 
 SKIP = {"step", "split", "examples"}
 FIX = "give the --workdir of a jaxdist run (or delete a damaged line)"

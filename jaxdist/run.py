@@ -17,8 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
-from jaxdist.cli import OneLineParser, nonempty_path
-from jaxdist.distributed import (
+from jaxdist.base.cli import OneLineParser, nonempty_path
+from jaxdist.base.errors import UserError
+from jaxdist.loop.preemption import PreemptionWatch, StartupSignals
+from jaxdist.parallel.processes import (
     DEFAULT_BARRIER_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DistributedSettings,
@@ -26,12 +28,11 @@ from jaxdist.distributed import (
     is_primary,
     joined,
 )
-from jaxdist.errors import UserError
-from jaxdist.preemption import PreemptionWatch, StartupSignals
 
 USAGE_EXIT = 2
 DEBUG_VARIABLE = "JAXDIST_DEBUG"
-# Started once this process has joined a multi-process run (jaxdist.agreement.FailureWatch).
+# Started once this process has joined a multi-process run
+# (jaxdist.parallel.agreement.FailureWatch).
 _peer_failures = None
 
 
@@ -112,7 +113,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.cpu_devices is not None:
-        from jaxdist.devices import use_cpu_devices
+        from jaxdist.parallel.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
     if not args.help and not args.list and initialize(DistributedSettings(
@@ -120,13 +121,13 @@ def run(argv: list[str] | None = None) -> int:
             process_id=args.process_id, auto=args.distributed,
             heartbeat_timeout=args.heartbeat_timeout,
             initialization_timeout=args.join_timeout, barrier_timeout=args.barrier_timeout)):
-        from jaxdist.agreement import FailureWatch
+        from jaxdist.parallel.agreement import FailureWatch
 
         global _peer_failures
         _peer_failures = FailureWatch().start()
 
     from jaxdist.config import describe_keys
-    from jaxdist.discovery import list_experiments, load, load_experiment
+    from jaxdist.loop.discovery import list_experiments, load, load_experiment
 
     if args.list:
         for name, summary in list_experiments().items():
@@ -143,11 +144,11 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     experiment, config = load(args.experiment, args.overrides)
     workdir = args.workdir or default_workdir(args.experiment)
-    from jaxdist.compile_cache import enable_compilation_cache
+    from jaxdist.loop.compile_cache import enable_compilation_cache
 
     enable_compilation_cache(args.compilation_cache)
 
-    from jaxdist.train import fit
+    from jaxdist.loop.fit import fit
 
     StartupSignals.deliver()  # the imports are done
     result = fit(experiment, config, workdir, start_over=args.restart,
@@ -232,7 +233,7 @@ def _fail(error: BaseException, line: str | None, status: int, debug: bool) -> i
     if line is not None:
         print(line, file=sys.stderr, flush=True)
     if joined():
-        from jaxdist.agreement import announce_failure, leave_after_failure
+        from jaxdist.parallel.agreement import announce_failure, leave_after_failure
 
         announce_failure(line.removeprefix("error: ") if line else
                          f"{type(error).__name__}: {error}")

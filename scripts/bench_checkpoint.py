@@ -2,10 +2,10 @@
 
 Builds the `gpt_lm` train state (AdamW) at `--size` (default `gpt2`, GPT-2 124M with a
 50304-token vocabulary) on the host, then saves it `--saves` times with
-`jaxdist.checkpoint.CheckpointStore` in place, and as many times through
-`jaxdist.saving.CheckpointWriter` in the background, where the training loop waits only for
-the host copy. Prints each time, their medians, and the sha256 pass over one checkpoint's
-files on its own.
+`jaxdist.checkpoints.store.CheckpointStore` in place, and as many times through
+`jaxdist.checkpoints.saving.CheckpointWriter` in the background, where the training loop
+waits only for the host copy. Prints each time, their medians, and the sha256 pass over
+one checkpoint's files on its own.
 
     python scripts/bench_checkpoint.py [--size gpt2] [--saves 3] [--folder DIR]
 """
@@ -34,11 +34,11 @@ def main() -> None:
     import numpy as np
 
     import jaxdist
-    from jaxdist.checkpoint import CheckpointStore
-    from jaxdist.checkpoint_integrity import checkpoint_files, sha256_file
-    from jaxdist.optimizers import build_optimizer
-    from jaxdist.saving import CheckpointWriter
-    from jaxdist.start import initial_state
+    from jaxdist.checkpoints.integrity import checkpoint_files, sha256_file
+    from jaxdist.checkpoints.saving import CheckpointWriter
+    from jaxdist.checkpoints.store import CheckpointStore
+    from jaxdist.loop.start import initial_state
+    from jaxdist.step.optimizers import build_optimizer
 
     experiment, config = jaxdist.load("gpt_lm", [
         f"model.size={args.size}", "model.vocab_size=50304", "data.max_bytes=3000000",

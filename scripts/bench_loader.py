@@ -44,9 +44,9 @@ def main() -> None:
 
     from jaxdist import make_backend, make_train_step
     from jaxdist.data import DevicePrefetcher, Loader, NpyFolderSource, write_shards
-    from jaxdist.dispatch import InFlightLimit
-    from jaxdist.metrics import MetricWindow
-    from jaxdist.step import TrainState
+    from jaxdist.loop.metrics import MetricWindow
+    from jaxdist.parallel.dispatch import InFlightLimit
+    from jaxdist.step.steps import TrainState
 
     backend = make_backend("pmap")
     n = backend.num_devices

@@ -50,9 +50,9 @@ def memory_table(args: argparse.Namespace) -> None:
     import jax
 
     import experiments.gpt_lm as gpt
-    from jaxdist.compiled import lower_abstract_train_step
     from jaxdist.config import apply_overrides
-    from jaxdist.sharding import SHARDS
+    from jaxdist.loop.compiled import lower_abstract_train_step
+    from jaxdist.parallel.layout import SHARDS
 
     devices = len(jax.devices())
     # XLA:CPU's default scheduler favours running things at once over memory: ask for its
@@ -96,8 +96,8 @@ def speed_table(args: argparse.Namespace) -> None:
     """Print steps/s of gpt_lm tiny's step for every shard value, as ratios to `none`."""
     import experiments.gpt_lm as gpt
     from jaxdist.config import apply_overrides
-    from jaxdist.sharding import SHARDS
-    from jaxdist.start import prepare_run, train_step_fn
+    from jaxdist.loop.start import prepare_run, train_step_fn
+    from jaxdist.parallel.layout import SHARDS
 
     def runner(shard: str):
         config = apply_overrides(gpt.tiny_config(), [f"parallel.backend={args.backend}",

@@ -10,7 +10,7 @@ The jaxdist side is what `fit` runs per step: the weighted-sum step with exact g
 a per-device RNG, the non-finite guard, summed metrics kept on the devices and read back
 once per window.
 
-Both loops let at most 2 steps run ahead of the host (`jaxdist.dispatch.InFlightLimit`);
+Both loops let at most 2 steps run ahead of the host (`jaxdist.parallel.dispatch.InFlightLimit`);
 without that bound, XLA's CPU collectives deadlock on 8 fake devices (jax 0.10.2).
 
 Each round runs every side for the same number of steps, in a shuffled order; the ratio
@@ -52,8 +52,8 @@ def main() -> None:
     import optax
 
     from jaxdist import make_backend, make_train_step
-    from jaxdist.dispatch import InFlightLimit
-    from jaxdist.step import TrainState
+    from jaxdist.parallel.dispatch import InFlightLimit
+    from jaxdist.step.steps import TrainState
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.features)).astype(np.float32)

@@ -65,10 +65,10 @@ def jaxdist_runner(step: Callable, state: Any, batch: Any, backend: Any
     """A side that runs a compiled jaxdist step as `fit` does, returning steps/s.
 
     Metric sums stay on the devices and are read once at the end (one window), and at most
-    2 steps run ahead of the host (`jaxdist.dispatch.InFlightLimit`).
+    2 steps run ahead of the host (`jaxdist.parallel.dispatch.InFlightLimit`).
     """
-    from jaxdist.dispatch import InFlightLimit
-    from jaxdist.metrics import MetricWindow
+    from jaxdist.loop.metrics import MetricWindow
+    from jaxdist.parallel.dispatch import InFlightLimit
 
     def run(steps: int) -> float:
         nonlocal state

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxdist.checkpoint import CheckpointStore
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.store import CheckpointStore
 
 
 def tree(value=1.0):
@@ -45,7 +45,7 @@ def test_an_interrupted_save_is_never_listed_and_is_cleaned(tmp_path, monkeypatc
     def crash(*args):
         raise RuntimeError("killed mid-save")
 
-    monkeypatch.setattr("jaxdist.checkpoint.os.rename", crash)
+    monkeypatch.setattr("jaxdist.checkpoints.store.os.rename", crash)
     with pytest.raises(RuntimeError):
         save(store, 2)
     monkeypatch.undo()

@@ -15,9 +15,9 @@ import pytest
 from toy import mlp_experiment, toy_config
 
 import jaxdist
-from jaxdist.compiled import collectives, host_round_trips, lower_train_step, matmul_dtypes
-from jaxdist.start import train_step_fn
-from jaxdist.step import NONFINITE
+from jaxdist.loop.compiled import collectives, host_round_trips, lower_train_step, matmul_dtypes
+from jaxdist.loop.start import train_step_fn
+from jaxdist.step.steps import NONFINITE
 
 SMALL = {
     "gpt_lm": ["train.batch_size=16", "data.max_bytes=100000"],

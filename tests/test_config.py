@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from jaxdist.base.errors import UserError
 from jaxdist.config import Config, apply_overrides, leaf_keys, to_dict
-from jaxdist.errors import UserError
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""The cost model of jaxdist.costmodel against cases computed by hand (no jax)."""
+"""The cost model of jaxdist.scaling.costmodel against cases computed by hand (no jax)."""
 
 import math
 from dataclasses import replace
 
 import pytest
 
-from jaxdist.costmodel import (
+from jaxdist.scaling.costmodel import (
     INTERCONNECTS,
     ComputeModel,
     Link,
@@ -157,7 +157,7 @@ def test_prediction_counts():
 def test_the_readme_states_the_assumptions_and_the_table_the_code_uses():
     from pathlib import Path
 
-    from jaxdist.costmodel import ASSUMPTIONS
+    from jaxdist.scaling.costmodel import ASSUMPTIONS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     quoted = " ".join(line[2:] for line in readme.splitlines() if line.startswith("> "))

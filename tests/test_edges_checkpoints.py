@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxdist import fit
-from jaxdist.checkpoint import CheckpointStore
-from jaxdist.checkpoint_integrity import MANIFEST, META, sha256_file
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.integrity import MANIFEST, META, sha256_file
+from jaxdist.checkpoints.store import CheckpointStore
 from tests.toy import mlp_experiment, toy_config
 
 

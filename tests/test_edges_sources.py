@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxdist.base.errors import UserError
 from jaxdist.data import NpyFolderSource, write_shards
 from jaxdist.data.text import ByteWindows
-from jaxdist.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def test_reading_a_truncated_shard_in_a_fresh_process_exits_cleanly(tmp_path, fm
         import os, sys
         import numpy as np
         from jaxdist.data import NpyFolderSource
-        from jaxdist.errors import UserError
+        from jaxdist.base.errors import UserError
         source = NpyFolderSource({str(folder)!r})
         source.get_batch(np.arange(8))
         os.truncate({str(path)!r}, 4096)
@@ -194,7 +194,7 @@ def test_more_shards_than_open_files_allowed(tmp_path, hard):
         import resource, sys
         import numpy as np
         from jaxdist.data import NpyFolderSource
-        from jaxdist.errors import UserError
+        from jaxdist.base.errors import UserError
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if {hard} else hard))
         try:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import gpt_lm
+from jaxdist.base.errors import UserError
 from jaxdist.config import apply_overrides
 from jaxdist.data.tokens import (
     LLMC_MAGIC,
@@ -21,7 +22,6 @@ from jaxdist.data.tokens import (
     read_token_files,
     token_files,
 )
-from jaxdist.errors import UserError
 from tests.toy import wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def test_reading_a_truncated_file_in_a_fresh_process_exits_cleanly(tmp_path):
     path = write_raw(tmp_path / "t.bin", tokens(1_000_000))
     code = ("import sys, os, numpy as np\n"
             "from jaxdist.data.tokens import TokenWindows, open_token_file\n"
-            "from jaxdist.errors import UserError\n"
+            "from jaxdist.base.errors import UserError\n"
             f"w = TokenWindows([open_token_file({str(path)!r})], 128)\n"
             "w.get_batch(np.arange(8))\n"
             f"os.truncate({str(path)!r}, 4096)\n"

@@ -14,7 +14,7 @@ import pytest
 from experiments import linear_regression
 from experiments.cifar_resnet import load_cifar
 from jaxdist import fit, load, make_backend
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
 from jaxdist.explain import Method, explain
 from jaxdist.explain.__main__ import main as explain_main
 from jaxdist.plot import main as plot_main

@@ -11,8 +11,8 @@ import pytest
 
 import jaxdist
 from jaxdist import fit
-from jaxdist.errors import UserError
-from jaxdist.restore import restore_run
+from jaxdist.base.errors import UserError
+from jaxdist.loop.restore import restore_run
 from tests.toy import mlp_experiment, toy_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def hold_lock(path):
 
 
 def test_the_start_never_removes_the_folder_of_a_save_another_process_is_writing(tmp_path):
-    from jaxdist.checkpoint import CheckpointStore
+    from jaxdist.checkpoints.store import CheckpointStore
 
     folder = tmp_path / "checkpoints"
     live, dead = folder / "tmp-step_00000010-1-2", folder / "tmp-step_00000005-3-4"
@@ -275,7 +275,7 @@ def test_the_start_never_removes_the_folder_of_a_save_another_process_is_writing
 
 
 def test_a_lock_file_taken_by_another_run_meanwhile_stops_this_one(tmp_path):
-    from jaxdist.workdir import WorkdirLock
+    from jaxdist.checkpoints.workdir import WorkdirLock
 
     with WorkdirLock(tmp_path) as lock:
         (tmp_path / "lock").unlink()
@@ -356,7 +356,7 @@ def test_a_disk_that_fills_during_a_background_save_is_one_line(tmp_path):
     assert run_cli(*args, "train.steps=1").returncode == 0
     # The room is checked before a save; here the disk fills after that check.
     result = capped(1024, *args, "train.steps=3",
-                    prelude="; import jaxdist.disk as d; d.lacking_room = lambda *a: None")
+                    prelude="; import jaxdist.base.disk as d; d.lacking_room = lambda *a: None")
     assert result.returncode == 2
     line = one_line(result)
     assert "could not write checkpoint" in line and "step_00000001 is intact" in line

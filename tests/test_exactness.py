@@ -13,14 +13,14 @@ import pytest
 
 from experiments._digits import classifier_experiment, load_split
 from jaxdist import Experiment, fit
-from jaxdist.checkpoint import CheckpointStore
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.data import Loader, class_balanced_probabilities
 from jaxdist.data.augment import random_crop, random_flip
-from jaxdist.errors import UserError
-from jaxdist.losses import cross_entropy
 from jaxdist.models.batchnorm import CrossReplicaBatchNorm
 from jaxdist.models.mlp import MLP
-from jaxdist.step import NONFINITE
+from jaxdist.step.losses import cross_entropy
+from jaxdist.step.steps import NONFINITE
 from tests.toy import make_data, mlp_experiment, toy_config
 
 

@@ -4,7 +4,7 @@ config trains for a few steps on 8 fake devices with a falling loss."""
 import pytest
 
 from jaxdist import fit
-from jaxdist.discovery import list_experiments, load_experiment
+from jaxdist.loop.discovery import list_experiments, load_experiment
 
 EXPERIMENTS = sorted(list_experiments())
 
@@ -43,7 +43,7 @@ def test_cifar_reads_the_python_batches_and_npz(tmp_path):
     import numpy as np
 
     from experiments.cifar_resnet import load_cifar
-    from jaxdist.errors import UserError
+    from jaxdist.base.errors import UserError
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"

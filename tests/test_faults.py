@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxdist import Experiment, fit
-from jaxdist.errors import UserError
-from jaxdist.metrics import MetricsLogger
+from jaxdist.base.errors import UserError
+from jaxdist.loop.metrics import MetricsLogger
 from tests.toy import make_data, mlp_experiment, toy_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def test_a_start_up_signal_that_library_code_swallows_still_stops_the_run():
     # and lost, unless the training loop checks for it before its first step.
     script = textwrap.dedent("""
         import gc, os, signal, sys
-        from jaxdist.preemption import Interrupted, PreemptionWatch, StartupSignals
+        from jaxdist.loop.preemption import Interrupted, PreemptionWatch, StartupSignals
         StartupSignals.install()
         StartupSignals.deliver()
         gc.callbacks.append(lambda phase, info: phase == "start" and os.kill(os.getpid(),

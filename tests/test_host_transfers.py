@@ -19,9 +19,9 @@ from jax._src import config as jax_config
 from toy import mlp_experiment, toy_config
 
 from jaxdist import fit
-from jaxdist.dispatch import InFlightLimit
-from jaxdist.metrics import MetricWindow
-from jaxdist.parallel import make_backend
+from jaxdist.loop.metrics import MetricWindow
+from jaxdist.parallel.backends import make_backend
+from jaxdist.parallel.dispatch import InFlightLimit
 
 
 class HostReads:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxdist.base.errors import UserError
 from jaxdist.data import (
     DevicePrefetcher,
     Loader,
@@ -21,7 +22,6 @@ from jaxdist.data import (
     eval_batches,
     write_shards,
 )
-from jaxdist.errors import UserError
 
 
 def arrays(n, features=2):

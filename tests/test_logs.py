@@ -9,7 +9,7 @@ from pathlib import Path
 from tensorboardX.proto import event_pb2
 
 from jaxdist import fit
-from jaxdist.metrics import MetricsLogger
+from jaxdist.loop.metrics import MetricsLogger
 from tests.toy import mlp_experiment, toy_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,10 @@ import pytest
 
 from experiments import cifar_resnet, gpt_lm, linear_regression
 from jaxdist import Experiment, TrainState, fit, make_backend, make_train_step
+from jaxdist.base.errors import UserError
 from jaxdist.config import apply_overrides
 from jaxdist.data import Loader
-from jaxdist.errors import UserError
-from jaxdist.optimizers import build_optimizer, fix_schedule_horizon
+from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
 from tests.toy import make_data, toy_config
 
 HEAVY_OPS = re.compile(r"stablehlo\.(convolution|dot_general)\b.*:\s*\((?P<operands>[^)]*)\)")

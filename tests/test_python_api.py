@@ -42,8 +42,8 @@ KERNEL = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {root!r})
     from jaxdist import fit, load
-    from jaxdist.checkpoint import CheckpointStore
-    from jaxdist.preemption import PreemptionWatch
+    from jaxdist.checkpoints.store import CheckpointStore
+    from jaxdist.loop.preemption import PreemptionWatch
 
     experiment, config = load("linear_regression", ["train.steps=1000000",
                                                     "train.checkpoint_every=0"])
@@ -81,8 +81,8 @@ def test_devices_can_no_longer_be_split_or_joined_once_jax_has_set_them_up():
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import jax
-        from jaxdist.errors import UserError
-        from jaxdist.devices import use_cpu_devices
+        from jaxdist.base.errors import UserError
+        from jaxdist.parallel.devices import use_cpu_devices
         use_cpu_devices(4)
         print(len(jax.devices()))
         use_cpu_devices(4)  # the same: nothing to do
@@ -90,7 +90,7 @@ def test_devices_can_no_longer_be_split_or_joined_once_jax_has_set_them_up():
             use_cpu_devices(8)
         except UserError as error:
             print(str(error).split(";")[0])
-        from jaxdist.distributed import DistributedSettings, initialize
+        from jaxdist.parallel.processes import DistributedSettings, initialize
         try:
             initialize(DistributedSettings(coordinator="127.0.0.1:1", num_processes=2,
                                            process_id=0))

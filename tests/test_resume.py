@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from jaxdist import fit, make_backend, make_train_step
-from jaxdist.checkpoint import CheckpointStore
-from jaxdist.errors import UserError
-from jaxdist.step import NONFINITE, TrainState
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.store import CheckpointStore
+from jaxdist.step.steps import NONFINITE, TrainState
 from tests.toy import make_data, mlp_experiment, toy_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
 
 def test_a_second_signal_exits_at_once_from_the_command_line():
     script = ("import os, signal, time\n"
-              "from jaxdist.preemption import PreemptionWatch\n"
+              "from jaxdist.loop.preemption import PreemptionWatch\n"
               "PreemptionWatch.exit_on_second_signal = True  # as jaxdist.run sets it\n"
               "with PreemptionWatch() as watch:\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -11,9 +11,9 @@ import pytest
 from toy import mlp_experiment, toy_config
 
 from jaxdist import fit
-from jaxdist.checkpoint import CheckpointStore, PendingSave
-from jaxdist.metrics import MetricWindow
-from jaxdist.saving import CheckpointWriter, host_copy
+from jaxdist.checkpoints.saving import CheckpointWriter, host_copy
+from jaxdist.checkpoints.store import CheckpointStore, PendingSave
+from jaxdist.loop.metrics import MetricWindow
 
 
 def _config(background: bool, steps: int = 8):

@@ -12,12 +12,12 @@ import optax
 import pytest
 
 import jaxdist
-from jaxdist.compiled import collectives
-from jaxdist.errors import UserError
-from jaxdist.parallel import AXIS
+from jaxdist.base.errors import UserError
+from jaxdist.loop.compiled import collectives
+from jaxdist.parallel.backend import AXIS
 from jaxdist.scaling.measure import allreduce_program, run_in_rounds, step_programs
 from jaxdist.scaling.study import make_plan
-from jaxdist.step import TrainState, make_train_step
+from jaxdist.step.steps import TrainState, make_train_step
 from tests.toy import make_data, mlp_experiment
 
 ROOT = Path(__file__).resolve().parent.parent

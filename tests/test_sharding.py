@@ -18,14 +18,15 @@ import pytest
 
 import experiments.digits_cnn as digits
 import experiments.gpt_lm as gpt
-from jaxdist.compiled import collectives, lower_train_step, ring_traffic
 from jaxdist.config import apply_overrides
-from jaxdist.metrics import TIMING_KEYS
-from jaxdist.optimizers import build_optimizer, clip_by_global_norm, scale_by_trust_ratio
-from jaxdist.parallel import AXIS, make_backend
-from jaxdist.sharding import SHARDS, Chunks, StateLayout
-from jaxdist.step import TrainState
-from jaxdist.train import fit
+from jaxdist.loop.compiled import collectives, lower_train_step, ring_traffic
+from jaxdist.loop.fit import fit
+from jaxdist.loop.metrics import TIMING_KEYS
+from jaxdist.parallel.backend import AXIS
+from jaxdist.parallel.backends import make_backend
+from jaxdist.parallel.layout import SHARDS, Chunks, StateLayout
+from jaxdist.step.optimizers import build_optimizer, clip_by_global_norm, scale_by_trust_ratio
+from jaxdist.step.steps import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = [s for s in SHARDS if s != "none"]
@@ -112,7 +113,7 @@ def test_the_padding_of_uneven_leaves_never_enters_the_state(shard):
     state, layout = small_layout(shard, params, push)
     backend = make_backend("shard_map")
 
-    from jaxdist.step import make_train_step
+    from jaxdist.step.steps import make_train_step
 
     def loss(p, batch, rng):
         return batch["x"] @ p["w"].T @ p["b"] * 0 + batch["x"][:, 0], {}
@@ -255,8 +256,8 @@ def test_a_run_resumes_with_another_split_and_device_count_exactly(tmp_path, fir
 
 def test_a_checkpoint_holds_the_split_state_as_chunks_never_joined_on_the_host(
         tmp_path, monkeypatch):
-    from jaxdist.checkpoint import CheckpointStore
-    from jaxdist.parallel import Backend
+    from jaxdist.checkpoints.store import CheckpointStore
+    from jaxdist.parallel.backend import Backend
 
     def refuse(*args, **kwargs):
         raise AssertionError("the split state was joined on the host")
@@ -279,7 +280,7 @@ def test_a_checkpoint_holds_the_split_state_as_chunks_never_joined_on_the_host(
         flat = np.asarray(functools.reduce(lambda t, k: t[k.key], path, raw["params"]))
         assert flat.shape == (8 * cut.chunk,)
         np.testing.assert_array_equal(flat, cut.split_host(whole).reshape(-1))
-    # A tool that wants the logical state back (jaxdist.restore) gets it whole.
+    # A tool that wants the logical state back (jaxdist.loop.restore) gets it whole.
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), result.layout.logical)
     restored, _ = store.restore(4, target)
     store.close()
@@ -290,8 +291,8 @@ def test_a_checkpoint_holds_the_split_state_as_chunks_never_joined_on_the_host(
 
 
 def test_a_checkpoint_whose_meta_names_a_foreign_split_leaf_is_refused_in_one_line(tmp_path):
-    from jaxdist.checkpoint import CheckpointStore
-    from jaxdist.errors import UserError
+    from jaxdist.base.errors import UserError
+    from jaxdist.checkpoints.store import CheckpointStore
 
     store = CheckpointStore(tmp_path / "checkpoints")
     state = {"w": np.arange(6.0, dtype=np.float32)}
@@ -343,7 +344,7 @@ def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path
 
 
 def test_leaves_travel_in_buckets_of_one_dtype_and_bounded_size(monkeypatch):
-    import jaxdist.sharding as sharding
+    import jaxdist.parallel.layout as sharding
 
     leaves = [jnp.zeros(s, d) for s, d in [((100,), jnp.float32), ((8,), jnp.int32),
                                             ((300,), jnp.float32), ((50,), jnp.float32)]]

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import linear_regression
 from jaxdist import fit, make_backend
-from jaxdist.step import device_rng
+from jaxdist.step.steps import device_rng
 from tests.toy import mlp_experiment, toy_config
 
 BACKENDS = ["pmap", "shard_map"]

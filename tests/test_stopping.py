@@ -1,7 +1,7 @@
 import pytest
 
-from jaxdist.errors import UserError
-from jaxdist.stopping import EarlyStopping, NonfiniteGuard
+from jaxdist.base.errors import UserError
+from jaxdist.loop.stopping import EarlyStopping, NonfiniteGuard
 
 
 def first_stop(rule, values):

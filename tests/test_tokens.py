@@ -12,6 +12,8 @@ import pytest
 
 from experiments import gpt_lm
 from jaxdist import fit
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.identity import data_fingerprint
 from jaxdist.config import apply_overrides
 from jaxdist.data.tokens import (
     LLMC_MAGIC,
@@ -21,8 +23,6 @@ from jaxdist.data.tokens import (
     read_token_files,
     token_windows,
 )
-from jaxdist.errors import UserError
-from jaxdist.identity import data_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "make_tokens.py"

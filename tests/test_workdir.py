@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from jaxdist import fit
-from jaxdist.checkpoint import CheckpointStore
-from jaxdist.errors import UserError
-from jaxdist.workdir import WorkdirLock
+from jaxdist.base.errors import UserError
+from jaxdist.checkpoints.store import CheckpointStore
+from jaxdist.checkpoints.workdir import WorkdirLock
 from tests.toy import make_data, mlp_experiment, toy_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, OptimizerConfig, ParallelConfig, TrainConfig
-from jaxdist.precision import cast_floats, compute_dtype
+from jaxdist.step.precision import cast_floats, compute_dtype
 
 
 def make_data(n: int = 96, features: int = 5, seed: int = 0) -> dict[str, np.ndarray]:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxdist.base.errors import UserError
 from jaxdist.data.row_random import RowRandom
 from jaxdist.data.sources import WEIGHT, Source, as_source, column
-from jaxdist.errors import UserError
 
 if TYPE_CHECKING:
     from jaxdist.config import Config

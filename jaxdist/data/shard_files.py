@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdist.base.errors import UserError
 from jaxdist.data.tokens import TokenFile
-from jaxdist.errors import UserError
 
 MERGE_GAP = 16 << 10  # bytes: rows at most this far apart are read in one go, the gap dropped
 HEADER_BYTES = 1 << 16  # read to parse a .npy header (numpy writes at most 10 KB of one)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxdist.base.errors import UserError
+from jaxdist.base.schema import Each, ListOf, describe_value, load_json
 from jaxdist.data.shard_files import ShardArray, open_npy, open_npz
 from jaxdist.data.sources import _column, validate_arrays
-from jaxdist.errors import UserError
-from jaxdist.schema import Each, ListOf, describe_value, load_json
 
 MANIFEST = "manifest.json"
 

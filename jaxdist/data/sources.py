@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
 
 WEIGHT = "weight"
 

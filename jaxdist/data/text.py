@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
 
 
 def stdlib_sources() -> list[Path]:

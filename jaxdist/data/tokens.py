@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdist.errors import UserError
+from jaxdist.base.errors import UserError
 
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1  # uint16 tokens (llm.c's version 2 holds uint32 tokens)

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdist.errors import UserError
-from jaxdist.experiment import ExplainSpec
-from jaxdist.parallel import Backend
+from jaxdist.base.errors import UserError
+from jaxdist.parallel.backend import Backend
+from jaxdist.step.experiment import ExplainSpec
 
 PyTree = Any
 METHODS = ("ig", "saliency", "grad_x_input", "smoothgrad")

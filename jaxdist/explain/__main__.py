@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdist.cli import OneLineParser, print_paths
-from jaxdist.errors import UserError
+from jaxdist.base.cli import OneLineParser, print_paths
+from jaxdist.base.errors import UserError
+from jaxdist.base.files import output_folder, replace_inside
 from jaxdist.explain import (
     METHODS,
     RULES,
@@ -28,7 +29,6 @@ from jaxdist.explain import (
     features_shape,
     mean_features,
 )
-from jaxdist.files import output_folder, replace_inside
 
 MEAN_ROWS = 2048  # training rows averaged for the "mean" baseline
 
@@ -75,7 +75,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     """Explain as `argv` says; return the paths written."""
     args = build_parser().parse_args(argv)
     if args.cpu_devices is not None:
-        from jaxdist.devices import use_cpu_devices
+        from jaxdist.parallel.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
     method = Method(args.method, steps=args.steps, rule=args.rule, base=args.base,
@@ -86,8 +86,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
         raise UserError(f"--examples {args.examples} must be >= 1")
 
     from jaxdist.data import as_source
-    from jaxdist.parallel import make_backend
-    from jaxdist.restore import restore_run
+    from jaxdist.loop.restore import restore_run
+    from jaxdist.parallel.backends import make_backend
 
     restored = restore_run(args.workdir, args.checkpoint, experiment=args.experiment,
                            trust_workdir=args.trust_workdir)

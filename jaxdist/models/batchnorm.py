@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdist.parallel import AXIS
+from jaxdist.parallel.backend import AXIS
 
 
 class CrossReplicaBatchNorm(nn.Module):

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdist.errors import UserError
-from jaxdist.sharding import gather_where_used
+from jaxdist.base.errors import UserError
+from jaxdist.parallel.layout import gather_where_used
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def block_class(remat: str, like: Any = None) -> type[nn.Module]:
     `block` recomputes all of it; `dots` keeps the outputs of the matmuls without batch
     dimensions (the Dense layers) and recomputes the rest. With `like` (a block's params, as
     shapes), the block gathers its params where it uses them when they come as chunks
-    (`parallel.shard=params`, `jaxdist.sharding.gather_where_used`), inside the remat.
+    (`parallel.shard=params`, `jaxdist.parallel.layout.gather_where_used`), inside the remat.
     """
     block = Block
     if like is not None:
@@ -137,7 +137,7 @@ class GPT(nn.Module):
         gradients with respect to them); `tokens` is then unused. `return_hidden=True`
         returns the final hidden states `[batch, time, width]` (after `ln_f`) instead of the
         logits, whose product with `params["wte"]["embedding"]` transposed gives the logits
-        (e.g. for `jaxdist.losses.chunked_cross_entropy`).
+        (e.g. for `jaxdist.step.losses.chunked_cross_entropy`).
         """
         embed = nn.Embed(self.vocab_size, self.size.width, name="wte", dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02))

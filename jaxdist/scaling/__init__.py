@@ -2,6 +2,6 @@
 
 `python -m jaxdist.scaling EXPERIMENT` (`__main__.py`) measures (`measure.py`: the step,
 its compute alone, the gradient's all-reduce alone, in interleaved rounds), fits and checks
-the model of `jaxdist.costmodel` (`study.py`), and reports: text, `scaling.json` and
+the model of `jaxdist.scaling.costmodel` (`study.py`), and reports: text, `scaling.json` and
 `scaling.png` (`report.py`).
 """

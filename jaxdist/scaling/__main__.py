@@ -1,7 +1,7 @@
 """`python -m jaxdist.scaling EXPERIMENT`: how many devices do I need, measured and predicted.
 
 Measures the experiment's train step at several device counts (weak and strong scaling),
-its compute and its gradient all-reduce apart, fits the cost model of `jaxdist.costmodel`,
+its compute and its gradient all-reduce apart, fits the cost model of `jaxdist.scaling.costmodel`,
 checks it against the counts it was not fitted to, and predicts throughput, speedup,
 efficiency and the time and device-hours to a goal, for this machine and for a named
 interconnect. Writes `WORKDIR/scaling.json` and `WORKDIR/scaling.png`. Exit status 0, or 2
@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jaxdist.cli import OneLineParser
-from jaxdist.errors import UserError
+from jaxdist.base.cli import OneLineParser
+from jaxdist.base.errors import UserError
 
 if TYPE_CHECKING:
     from jaxdist.config import Config
-    from jaxdist.costmodel import Interconnect
-    from jaxdist.experiment import Experiment
+    from jaxdist.scaling.costmodel import Interconnect
     from jaxdist.scaling.study import Plan
+    from jaxdist.step.experiment import Experiment
 
 USAGE_EXIT = 2
 
@@ -102,7 +102,7 @@ def _shown(value: float) -> str:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse a count below 1, a step goal beyond the step counter, epochs not finite > 0."""
-    from jaxdist.config_checks import MAX_STEPS
+    from jaxdist.config.checks import MAX_STEPS
 
     for option in ("devices_per_host", "max_devices", "steps", "per_device_batch",
                    "global_batch", "rounds", "window_steps"):
@@ -119,7 +119,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def check_epochs_goal(epochs: float, dataset_size: int, smallest_batch: int) -> None:
     """Refuse `--epochs` whose steps (at the smallest batch predicted for) no run can take."""
-    from jaxdist.config_checks import MAX_STEPS
+    from jaxdist.config.checks import MAX_STEPS
 
     steps = epochs * dataset_size / smallest_batch
     if not steps <= MAX_STEPS:
@@ -130,7 +130,7 @@ def check_epochs_goal(epochs: float, dataset_size: int, smallest_batch: int) -> 
 
 def interconnect_table() -> str:
     """The named interconnects as a text table."""
-    from jaxdist.costmodel import INTERCONNECTS
+    from jaxdist.scaling.costmodel import INTERCONNECTS
 
     lines = [f"{'name':16s} {'GB/s used':>9s} {'latency':>8s}  listed figure; source"]
     for i in INTERCONNECTS.values():
@@ -142,7 +142,7 @@ def interconnect_table() -> str:
 
 def run(argv: list[str]) -> int:
     """Parse `argv`, measure, fit, predict, write and print; return the exit status."""
-    from jaxdist.costmodel import parse_interconnect
+    from jaxdist.scaling.costmodel import parse_interconnect
 
     args = build_parser().parse_intermixed_args(argv)
     if args.interconnects:
@@ -170,15 +170,15 @@ def run(argv: list[str]) -> int:
     fit_counts = (None if args.fit_devices is None
                   else parse_counts(args.fit_devices, "--fit-devices"))
     if args.cpu_devices is not None:
-        from jaxdist.devices import use_cpu_devices
+        from jaxdist.parallel.devices import use_cpu_devices
 
         use_cpu_devices(args.cpu_devices)
 
     import jax
 
-    from jaxdist.discovery import load
+    from jaxdist.checkpoints.workdir import prepare_workdir
+    from jaxdist.loop.discovery import load
     from jaxdist.run import default_workdir
-    from jaxdist.workdir import prepare_workdir
 
     experiment, config = load(args.experiment, args.overrides)
     devices = jax.local_devices()
@@ -199,7 +199,7 @@ def run(argv: list[str]) -> int:
     command = shlex.join(["python", "-m", "jaxdist.scaling", *argv])
     report = study(args, command, experiment, config, plan, link, inter, available)
     json_path, png_path = workdir / "scaling.json", workdir / "scaling.png"
-    from jaxdist.files import write_text_atomically
+    from jaxdist.base.files import write_text_atomically
     from jaxdist.scaling import report as reporting
 
     write_text_atomically(json_path, json.dumps(reporting.finite(report), indent=1,
@@ -218,8 +218,8 @@ def study(args: argparse.Namespace, command: str, experiment: Experiment, config
     import jax
     import jaxlib
 
-    from jaxdist.costmodel import StepModel
     from jaxdist.scaling import report as reporting
+    from jaxdist.scaling.costmodel import StepModel
     from jaxdist.scaling.study import accelerator_model, check, fit, measure
 
     measured = measure(experiment, config, plan)

@@ -30,13 +30,13 @@ import jax
 import numpy as np
 
 from jaxdist.config import Config, apply_overrides
-from jaxdist.dispatch import InFlightLimit
-from jaxdist.experiment import Experiment
-from jaxdist.optimizers import build_optimizer
-from jaxdist.parallel import AXIS
-from jaxdist.pmap_backend import PmapBackend
-from jaxdist.start import prepare_run, train_step_fn
-from jaxdist.step import make_train_step
+from jaxdist.loop.start import prepare_run, train_step_fn
+from jaxdist.parallel.backend import AXIS
+from jaxdist.parallel.dispatch import InFlightLimit
+from jaxdist.parallel.pmap import PmapBackend
+from jaxdist.step.experiment import Experiment
+from jaxdist.step.optimizers import build_optimizer
+from jaxdist.step.steps import make_train_step
 
 PARTS = ("step", "compute", "allreduce")
 

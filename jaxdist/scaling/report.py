@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jaxdist.costmodel import (
+from jaxdist.scaling.costmodel import (
     ASSUMPTIONS,
     Interconnect,
     StepModel,

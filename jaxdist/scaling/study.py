@@ -3,7 +3,7 @@
 Weak scaling keeps each device's batch fixed (the global batch grows with the devices);
 strong scaling keeps the global batch fixed (each device's share shrinks). Both are timed
 at every device count of the plan, with the compute part and the all-reduce part of a step
-beside the whole step (see `jaxdist.scaling.measure`); the model of `jaxdist.costmodel` is
+beside the whole step (see `jaxdist.scaling.measure`); the model of `jaxdist.scaling.costmodel` is
 fitted to the counts of `Plan.fit_counts` and checked against the others.
 """
 
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxdist.compiled import ring_traffic
+from jaxdist.base.errors import UserError
 from jaxdist.config import Config
-from jaxdist.costmodel import ComputeModel, StepModel, fit_compute, fit_ring
 from jaxdist.data import as_source
-from jaxdist.errors import UserError
-from jaxdist.experiment import Experiment
+from jaxdist.loop.compiled import ring_traffic
+from jaxdist.scaling.costmodel import ComputeModel, StepModel, fit_compute, fit_ring
 from jaxdist.scaling.measure import (
     Program,
     Setting,
@@ -31,6 +30,7 @@ from jaxdist.scaling.measure import (
     run_in_rounds,
     step_programs,
 )
+from jaxdist.step.experiment import Experiment
 
 MODES = ("weak", "strong")
 

@@ -1,0 +1,5 @@
+"""What every part of jaxdist shares.
+
+The one error type, the checked structure of the files it reads back, atomic writes, disk
+errors, one-line argument errors, and metrics.jsonl's record format.
+"""

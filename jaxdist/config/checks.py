@@ -1,0 +1,119 @@
+"""Validating a config: every value has its field's type, and one that makes sense.
+
+`validate` is what every path into a run (the command line, a saved config, a config
+changed in Python) passes through; `jaxdist.config` calls it after applying overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+from jaxdist.base.errors import UserError
+
+Config = Any  # a jaxdist.config.Config (not imported: that module imports this one)
+
+# The step counter is an int32 on the devices.
+MAX_STEPS = 2**31 - 1
+
+
+def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of float leaves that are NaN or infinite."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.extend(_non_finite_floats(value, key + "."))
+        elif isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{key}={value}")
+    return found
+
+
+def _type_errors(node: Any, prefix: str = "") -> list[str]:
+    """One message per leaf whose value does not have its field's type (a Literal's choices).
+
+    The command line parses values by type; this catches a config changed in Python or read
+    from a file, on every path into a run.
+    """
+    found = []
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.extend(_type_errors(value, key + "."))
+        elif f.name in hints and not _has_type(value, hints[f.name]):
+            found.append(f"{key}={value!r} is not {_type_words(hints[f.name])}")
+    return found
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # a type the command line cannot set either: the experiment's own business
+
+
+def _type_words(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "allowed; choose one of: " + ", ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(option).removeprefix("a ").removeprefix("an ")
+                           for option in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "none"}.get(hint, str(hint))
+
+
+def validate(config: Config) -> None:
+    """Check that every value has its type, and values that have one but make no sense."""
+    for bad in _type_errors(config)[:1]:
+        raise UserError(bad)
+    for bad in _non_finite_floats(config)[:1]:
+        raise UserError(f"{bad} must be a finite number")
+    t, o, p, d = config.train, config.optimizer, config.parallel, config.loader
+    checks = [
+        (0 < t.steps <= MAX_STEPS, f"train.steps={t.steps} must be in [1, {MAX_STEPS}] (the "
+                                   f"step counter is a 32-bit integer)"),
+        (0 <= t.seed < 2**32, f"train.seed={t.seed} must be in [0, 2^32)"),
+        (t.batch_size >= 0, f"train.batch_size={t.batch_size} must be > 0, or full"),
+        (t.log_every > 0, f"train.log_every={t.log_every} must be > 0"),
+        (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
+        (0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)"),
+        (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),
+        (o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0"),
+        (o.decay_steps >= 0, f"optimizer.decay_steps={o.decay_steps} must be >= 0 (0: the "
+                             f"run's train.steps)"),
+        (0 <= o.final_fraction <= 1,
+         f"optimizer.final_fraction={o.final_fraction} must be in [0, 1]"),
+        (o.step_factor > 0, f"optimizer.step_factor={o.step_factor} must be > 0"),
+        (t.early_stopping.min_delta >= 0,
+         f"train.early_stopping.min_delta={t.early_stopping.min_delta} must be >= 0"),
+        (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
+        (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
+        (t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0"),
+        (t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1"),
+        (o.schedule != "step" or o.step_every > 0,
+         "optimizer.schedule=step needs optimizer.step_every > 0"),
+        (o.clip_norm >= 0, f"optimizer.clip_norm={o.clip_norm} must be >= 0"),
+        (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0"),
+        (t.max_nonfinite >= 0, f"train.max_nonfinite={t.max_nonfinite} must be >= 0"),
+        (t.early_stopping.patience >= 0,
+         f"train.early_stopping.patience={t.early_stopping.patience} must be >= 0"),
+        (config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

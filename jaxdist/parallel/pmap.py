@@ -1,0 +1,180 @@
+"""The pmap backend: `jax.pmap(step, axis_name="batch")` over the selected devices.
+
+Replicated values carry a leading axis of length `num_devices` (device i holds row i); a
+global batch `[B, ...]` is reshaped to `[devices, B/devices, ...]`. pmap does not track
+which values differ across devices, so before the first call the step is traced once under
+shard_map on the same devices (`Backend.trace`), which refuses such an output.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.parallel.backend import (
+    AXIS,
+    Backend,
+    PyTree,
+    StepFn,
+    all_rows,
+    leaf_dtype,
+    split_leading_axis,
+)
+
+
+class PmapBackend(Backend):
+    """`jax.pmap` over the selected devices of all processes, fed per process."""
+
+    name = "pmap"
+
+    def _sharding(self) -> NamedSharding:
+        # pmap takes this process's values, one row per local device.
+        return NamedSharding(self.local_mesh, P(AXIS))
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Stack one copy per device along a new leading axis and place copy i on device i."""
+        n = self.num_devices
+        sharding = self._sharding()
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
+
+        return jax.tree.map(put, tree)
+
+    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A leading device axis: copies of a replicated leaf, this process's rows of a split."""
+        n, sharding, rows = self.num_devices, self._sharding(), self._local_positions()
+
+        def put(split, x):
+            if split and isinstance(x, jax.Array):
+                return self.split_from_global(x)
+            x = np.asarray(x)
+            return jax.device_put(x[rows] if split else np.broadcast_to(x, (n, *x.shape)),
+                                  sharding)
+
+        return jax.tree.map(put, sharded, tree)
+
+    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """Every device's row of a split leaf (all processes'), the first copy of the others."""
+
+        def get(split, x):
+            if not split:
+                return np.asarray(x.addressable_shards[0].data)[0]
+            local = np.stack([np.asarray(s.data)[0] for s in
+                              sorted(x.addressable_shards, key=lambda s: s.index[0].start)])
+            return all_rows(local, self._local_positions())
+
+        return jax.tree.map(get, sharded, tree)
+
+    def split_to_global(self, x: jax.Array) -> jax.Array:
+        """Each device's row `[1, chunk]` becomes its piece of a global `[devices * chunk]`."""
+        chunk = x.shape[1]
+        pieces = [shard.data.reshape(chunk) for shard in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(
+            (len(self.global_devices) * chunk,), self.split_sharding(), pieces)
+
+    def split_from_global(self, x: jax.Array) -> jax.Array:
+        """Each device's piece of a global `[devices * chunk]` becomes its row `[1, chunk]`."""
+        chunk = x.shape[0] // len(self.global_devices)
+        pieces = {shard.device: shard.data for shard in x.addressable_shards}
+        rows = [pieces[device].reshape(1, chunk) for device in self.devices]
+        return jax.make_array_from_single_device_arrays((self.num_devices, chunk),
+                                                        self._sharding(), rows)
+
+    def replicated_shapes(self, tree: PyTree) -> PyTree:
+        """A leading device axis, split over the devices."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *np.shape(x)), leaf_dtype(x),
+                                                           sharding=sharding), tree)
+
+    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A leading device axis: this process's rows of a split leaf, copies of the others."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
+            (n, *np.shape(x)[1:]) if split else (n, *np.shape(x)), leaf_dtype(x),
+            sharding=sharding), sharded, tree)
+
+    def batch_shapes(self, batch: PyTree) -> PyTree:
+        """`[devices, B / devices, ...]`, split over the devices."""
+        n, sharding = self.num_devices, self._sharding()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            (n, np.shape(x)[0] // n, *np.shape(x)[1:]), leaf_dtype(x), sharding=sharding), batch)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """Reshape each `[B, ...]` leaf to `[devices, B / devices, ...]` and place it."""
+        n = self.num_devices
+        sharding = self._sharding()
+
+        return jax.tree.map(
+            lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
+
+    def compile(self, step: StepFn, donate_state: bool = True,
+                traced: bool = False, sharded: PyTree = None) -> StepFn:
+        """`jax.pmap` with axis name `batch`, donating the state buffers.
+
+        Before the first call (unless `traced`), the step is traced once under shard_map on
+        the same devices (no compute), which refuses an output that may differ across
+        devices. A split leaf needs nothing else: under pmap, each device's row is its own.
+        """
+        mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
+                          donate_argnums=(0,) if donate_state else ())
+        if traced:
+            return mapped
+        first_call = True
+
+        def run(state: PyTree, batch: PyTree) -> PyTree:
+            nonlocal first_call
+            if first_call:
+                processes = len(self.global_devices) // self.num_devices
+                self._trace_global(step, *per_device_shapes(state, batch, processes,
+                                                             sharded), sharded, donate_state)
+                first_call = False
+            return mapped(state, batch)
+
+        run.lower = mapped.lower  # type: ignore[attr-defined]
+        return run
+
+    def compile_per_example(self, fn: StepFn) -> StepFn:
+        """`jax.pmap`: each device's outputs come back as row i of a leading device axis."""
+        return jax.pmap(fn, axis_name=AXIS, devices=self.global_devices)
+
+    def examples_to_host(self, tree: PyTree) -> PyTree:
+        """Merge the device axis into the example axis."""
+        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+
+    def device_copies(self, tree: PyTree) -> list[PyTree]:
+        """Row i of every leaf is device i's copy."""
+        host = jax.device_get(tree)
+        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], host)
+                for i in range(self.num_devices)]
+
+    def first_copy(self, tree: PyTree) -> PyTree:
+        """Read only the first device's shard of every leaf."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        """Device 0's row `[1, ...]` of the leading device axis; a copy is `x.shape[1:]`."""
+        return x.addressable_shards[0].data, x.shape[1:]
+
+
+def per_device_shapes(state: PyTree, batch: PyTree, processes: int,
+                       sharded: PyTree = None) -> tuple[PyTree, PyTree]:
+    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch.
+
+    A split leaf of the state (`sharded`), rows `[local devices, chunk]`, is seen whole:
+    `[devices * chunk]`.
+    """
+    def one_copy(x):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+    def whole(x):
+        return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
+                                    x.dtype)
+
+    if sharded is None:
+        return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
+    return (jax.tree.map(lambda split, x: whole(x) if split else one_copy(x), sharded, state),
+            jax.tree.map(whole, batch))

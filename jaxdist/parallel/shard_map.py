@@ -1,0 +1,156 @@
+"""The shard_map backend: `jax.jit(jax.shard_map(step, ...))` on a 1-D mesh `batch`.
+
+Replicated values keep their own shape and lie whole on every device of the (global) mesh;
+a global batch `[B, ...]` is split along its first axis; a split leaf of the state is one
+global array `[devices * chunk]` split along `batch`. Outputs that may differ across
+devices are refused by type while compiling (`check_vma=True`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.parallel.backend import (
+    AXIS,
+    Backend,
+    PyTree,
+    StepFn,
+    all_rows,
+    leaf_dtype,
+    replicated_step,
+    split_leading_axis,
+    step_specs,
+)
+
+
+class ShardMapBackend(Backend):
+    """`jax.jit(jax.shard_map(...))` on a 1-D mesh over the selected devices of all processes."""
+
+    name = "shard_map"
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Place a full copy of every leaf on each device of the (global) mesh.
+
+        Every process passes the same values and places them on its own devices.
+        """
+        sharding = NamedSharding(self.mesh, P())
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf `[devices, chunk]` as a global `[devices * chunk]` split along `batch`."""
+        split_sharding = NamedSharding(self.mesh, P(AXIS))
+        replicated = self.replicate(jax.tree.map(lambda split, x: None if split else x,
+                                                 sharded, tree))
+
+        def put(split, x, copy):
+            if not split:
+                return copy
+            if isinstance(x, jax.Array):
+                return x
+            flat = np.asarray(x).reshape(-1)
+            return jax.make_array_from_callback(flat.shape, split_sharding,
+                                                lambda index: flat[index])
+
+        return jax.tree.map(put, sharded, tree, replicated, is_leaf=lambda x: x is None)
+
+    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf read back as `[devices, chunk]` (from every process), others one copy."""
+        devices = len(self.global_devices)
+
+        def get(split, x):
+            if not split:
+                return np.asarray(x.addressable_shards[0].data)
+            if x.is_fully_addressable:
+                return np.asarray(x).reshape(devices, -1)
+            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+            local = np.stack([np.asarray(s.data) for s in shards])
+            positions = [s.index[0].start // local.shape[1] for s in shards]
+            return all_rows(local, positions)
+
+        return jax.tree.map(get, sharded, tree)
+
+    def split_to_global(self, x: jax.Array) -> jax.Array:
+        """A split leaf already is the global `[devices * chunk]` array."""
+        return x
+
+    def split_from_global(self, x: jax.Array) -> jax.Array:
+        """A split leaf already is the global `[devices * chunk]` array."""
+        return x
+
+    def replicated_shapes(self, tree: PyTree) -> PyTree:
+        """The leaves' own shapes, replicated over the mesh."""
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x),
+                                                           sharding=sharding), tree)
+
+    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+        """A split leaf `[devices, chunk]` as `[devices * chunk]` along `batch`; others whole."""
+        split_sharding = NamedSharding(self.mesh, P(AXIS))
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
+            (int(np.prod(np.shape(x))),), leaf_dtype(x), sharding=split_sharding) if split else
+            jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x), sharding=replicated), sharded, tree)
+
+    def batch_shapes(self, batch: PyTree) -> PyTree:
+        """The global batch (every process's slice), split along its first axis."""
+        processes = len(self.global_devices) // self.num_devices
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            (np.shape(x)[0] * processes, *np.shape(x)[1:]), leaf_dtype(x), sharding=sharding),
+            batch)
+
+    def put_batch(self, batch: PyTree) -> PyTree:
+        """Split this process's slice (leaves `[B / processes, ...]`) over its devices.
+
+        The result is the global `[B, ...]` array of the mesh, each process holding its rows.
+        """
+        sharding = NamedSharding(self.mesh, P(AXIS))
+
+        def put(x):
+            x = np.asarray(x)
+            split_leading_axis(x, self.num_devices)  # only to check the size
+            return jax.make_array_from_process_local_data(sharding, x)
+
+        return jax.tree.map(put, batch)
+
+    def compile(self, step: StepFn, donate_state: bool = True,
+                traced: bool = False, sharded: PyTree = None) -> StepFn:
+        """`jax.jit` of `jax.shard_map` with replicated state/outputs and a split batch.
+
+        Replication is checked while compiling (`check_vma=True`); `traced` changes nothing.
+        A split leaf of the state (`sharded`) is `P(batch)` in and out.
+        """
+        in_specs, out_specs = step_specs(sharded, donate_state)
+        mapped = jax.shard_map(replicated_step(step, sharded), mesh=self.mesh,
+                               in_specs=in_specs, out_specs=out_specs, check_vma=True)
+        return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
+    def compile_per_example(self, fn: StepFn) -> StepFn:
+        """`jax.jit(jax.shard_map(...))` with the outputs split along `batch` like the input."""
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                                     out_specs=P(AXIS), check_vma=True))
+
+    def examples_to_host(self, tree: PyTree) -> PyTree:
+        """The global arrays, read whole."""
+        return jax.tree.map(np.asarray, tree)
+
+    def device_copies(self, tree: PyTree) -> list[PyTree]:
+        """Shard i of every replicated leaf is device i's copy."""
+        return [jax.tree.map(lambda x, i=i: np.asarray(x.addressable_shards[i].data), tree)
+                for i in range(self.num_devices)]
+
+    def first_copy(self, tree: PyTree) -> PyTree:
+        """Read only the first device's copy of every leaf."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        """The first device's (whole) copy."""
+        return x.addressable_shards[0].data, x.shape

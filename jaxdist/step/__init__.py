@@ -1,0 +1,5 @@
+"""The per-device step and its math.
+
+The train and eval steps built from an experiment's loss, the losses, optimizers and
+precision.
+"""
