@@ -24,10 +24,10 @@ import numpy as np
 
 from jaxdist.base.errors import UserError
 from jaxdist.base.files import write_text_atomically
+from jaxdist.base.pytree import PyTree
 from jaxdist.base.schema import Each, check, load_json
 from jaxdist.parallel.backend import leaf_dtype
 
-PyTree = Any
 FORMAT = "jaxdist-checkpoint-1"
 MANIFEST = "manifest.json"
 META = "meta.json"

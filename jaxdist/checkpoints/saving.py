@@ -25,9 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdist.base.pytree import PyTree
 from jaxdist.checkpoints.store import CheckpointStore, PendingSave
-
-PyTree = Any
 
 
 def host_copy(tree: PyTree) -> PyTree:

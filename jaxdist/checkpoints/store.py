@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from jaxdist.base import disk
 from jaxdist.base.errors import UserError
+from jaxdist.base.pytree import PyTree
 from jaxdist.base.schema import load_json
 from jaxdist.checkpoints.integrity import (
     FORMAT,
@@ -54,7 +55,6 @@ from jaxdist.checkpoints.split import as_asked, as_saved, joint_checkpointer
 from jaxdist.parallel.backend import leaf_dtype
 from jaxdist.parallel.processes import barrier, timed_out, waited_too_long
 
-PyTree = Any
 PREFIX = "step_"
 _UNSCANNED = object()
 

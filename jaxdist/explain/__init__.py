@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist.base.errors import UserError
+from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import Backend
 from jaxdist.step.experiment import ExplainSpec
 
-PyTree = Any
 METHODS = ("ig", "saliency", "grad_x_input", "smoothgrad")
 RULES = ("riemann", "gauss")
 INDEX = "example_index"  # each example's position, carried through the devices

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxdist.base.errors import UserError
 from jaxdist.base.files import write_text_atomically
+from jaxdist.base.pytree import PyTree
 from jaxdist.checkpoints.integrity import MANIFEST, sha256_file
 from jaxdist.checkpoints.saving import CheckpointWriter
 from jaxdist.checkpoints.workdir import record_saved_step, require_same_resume, require_same_workdir
@@ -44,8 +45,6 @@ from jaxdist.parallel.processes import barrier, first_signal, is_primary
 from jaxdist.step.experiment import Experiment
 from jaxdist.step.optimizers import learning_rate
 from jaxdist.step.steps import TrainState
-
-PyTree = Any
 
 
 @dataclass

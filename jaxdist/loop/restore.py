@@ -60,8 +60,8 @@ def restore_run(workdir: Path, checkpoint: Literal["newest", "best"] = "newest",
     source = experiment
     if source is None:
         if EXPERIMENT_KEY not in saved:
-            raise UserError(f"{path} does not name its experiment (a run written before "
-                            f"2026-11-27); name it with --experiment NAME_OR_PATH")
+            raise UserError(f"{path} does not name its experiment (a run written by an older "
+                            f"jaxdist); name it with --experiment NAME_OR_PATH")
         check(saved, {EXPERIMENT_KEY: str}, str(path), "give the --workdir of a jaxdist run")
         source = trusted_source(path, saved[EXPERIMENT_KEY], saved.get(EXPERIMENT_DIGEST_KEY),
                                 trust_workdir)

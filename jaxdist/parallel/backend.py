@@ -32,11 +32,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.base.errors import UserError
+from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.devices import global_devices
 
 AXIS = "batch"
 
-PyTree = Any
 StepFn = Callable[[PyTree, PyTree], PyTree]
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 
-PyTree = Any
+from jaxdist.base.pytree import PyTree
 
 
 class InFlightLimit:

@@ -45,9 +45,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.base.errors import UserError
+from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, Backend, leaf_dtype, varying_axes
 
-PyTree = Any
 SHARDS = ("none", "optimizer", "gradients", "params")
 
 

@@ -13,10 +13,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import (
     AXIS,
     Backend,
-    PyTree,
     StepFn,
     all_rows,
     leaf_dtype,

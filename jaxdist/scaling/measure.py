@@ -12,9 +12,8 @@ The programs, for each device count n:
   (`make_train_step(..., reduce_across_devices=False)`), mapped with `jax.pmap`;
 - `allreduce`: a `psum` over n devices of a tree shaped and typed like the gradient (the
   params): the communication part of a step. It includes launching a program, much as a
-  step's all-reduce includes waiting for the slowest device: on 8 fake CPU devices (2 cores,
-  digits_cnn, 2026-11-27) it came within 15% of `step - compute` at 2, 4 and 8 devices,
-  where with an empty program's time taken off it came to half of that or less.
+  step's all-reduce includes waiting for the slowest device (with an empty program's time
+  taken off, it would count much less than the step spends on its reductions).
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdist.base.pytree import PyTree
 from jaxdist.data.row_random import RowRandom
 from jaxdist.step.steps import EvalFn, LossFn
-
-PyTree = Any
 
 
 @dataclass(frozen=True)

@@ -25,19 +25,19 @@ Gradient reduction (`grad_reduce`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxdist.base.errors import UserError
+from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, mark_varying, require_same_on_every_device
 
 if TYPE_CHECKING:
     from jaxdist.parallel.layout import StateLayout
 
-PyTree = Any
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 EvalFn = Callable[[PyTree, Batch], tuple[jax.Array, dict[str, jax.Array]]]
