@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from jaxdist.parallel.processes import barrier_timeout, timed_out, waited_too_lo
 T = TypeVar("T")
 PREFIX = "jaxdist"
 FAILED = f"{PREFIX}/failed"
+LEAVING_MARGIN_S = 0.5  # process 0 outlives its leaving peers by this much
 _rounds = itertools.count()
 
 
@@ -123,17 +125,21 @@ def leave_after_failure(status: int, grace_ms: int = 5000) -> None:
     # reset by a peer that left first) must not become the last line a user reads.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    client = _client()
+    client, me, count = _client(), jax.process_index(), jax.process_count()
     try:
-        client.key_value_set(f"{PREFIX}/leaving/{jax.process_index()}", "1")
+        client.key_value_set(f"{PREFIX}/leaving/{me}", "1")
     except Exception:  # set already (by this process's other thread), or the service is gone
         pass
-    if jax.process_index() == 0:
-        for index in range(1, jax.process_count()):
-            try:
-                client.blocking_key_value_get(f"{PREFIX}/leaving/{index}", grace_ms)
-            except Exception:  # that peer is gone already, or the service is
-                pass
+    if me != 0:
+        os._exit(status)
+    for index in range(1, count):
+        try:
+            client.blocking_key_value_get(f"{PREFIX}/leaving/{index}", grace_ms)
+        except Exception:  # that peer is gone already, or the service is
+            pass
+    # A peer that said it leaves still has to reach its own exit; a service gone before
+    # that makes the peer's runtime abort (SIGABRT) instead of exiting with its status.
+    time.sleep(LEAVING_MARGIN_S)
     os._exit(status)
 
 
