@@ -96,7 +96,7 @@ def speed_table(args: argparse.Namespace) -> None:
     """Print steps/s of gpt_lm tiny's step for every shard value, as ratios to `none`."""
     import experiments.gpt_lm as gpt
     from jaxdist.config import apply_overrides
-    from jaxdist.loop.start import prepare_run, train_step_fn
+    from jaxdist.loop.start import prepare_run
     from jaxdist.parallel.layout import SHARDS
 
     def runner(shard: str):
@@ -105,8 +105,7 @@ def speed_table(args: argparse.Namespace) -> None:
         experiment = gpt.build(config)
         start = prepare_run(experiment, config, None, False, ())
         backend, layout = start.backend, start.layout
-        step = backend.compile(train_step_fn(experiment, start), traced=True,
-                               sharded=layout.sharded_or_none)
+        step = backend.compile(start.train_step, traced=True, sharded=layout.sharded_or_none)
         state = layout.to_devices(backend, start.host_state)
         return jaxdist_runner(step, state, backend.put_batch(start.loader.peek()), backend)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxdist.config import Config
 from jaxdist.data import training_loader
-from jaxdist.loop.start import Start, prepare_run, train_step_fn
+from jaxdist.loop.start import Start, prepare_run
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.backends import make_backend
 from jaxdist.parallel.layout import StateLayout
@@ -111,7 +111,7 @@ def lower_train_step(experiment: Experiment, config: Config) -> tuple[Any, Start
     start = prepare_run(experiment, config, None, False, ())
     backend, layout = start.backend, start.layout
     sharded = layout.sharded_or_none
-    step = backend.compile(train_step_fn(experiment, start), traced=True, sharded=sharded)
+    step = backend.compile(start.train_step, traced=True, sharded=sharded)
     state = (backend.placed_shapes(layout.split_shapes(start.host_state), sharded)
              if sharded is not None else backend.replicated_shapes(start.host_state))
     return step.lower(state, backend.batch_shapes(start.loader.peek())), start

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -125,6 +126,7 @@ class MetricsLogger:
         self.records: list[dict[str, Any]] = []
         self.progress: Progress | None = None
         self._tensorboard = None
+        self._news: deque[str] = deque()  # lines from other threads, printed by this one
 
     def resume_at(self, step: int) -> None:
         """Keep the logged points up to `step` (and no torn line); later ones will be redone.
@@ -159,6 +161,7 @@ class MetricsLogger:
 
     def log(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
         """Record one point: `{"step": step, "split": split, **values}` minus timing."""
+        self._print_news()
         values = in_order(values)
         record = {"step": step, "split": split}
         record.update({k: v for k, v in values.items() if k not in TIMING_KEYS})
@@ -185,8 +188,20 @@ class MetricsLogger:
             self.stream.flush()
         return record
 
+    def say_later(self, line: str) -> None:
+        """Print `line` with the next console output (callable from any thread)."""
+        self._news.append(line)
+
     def say(self, line: str) -> None:
         """Print one line of news on the console."""
+        self._print_news()
+        self._print(line)
+
+    def _print_news(self) -> None:
+        while self._news:
+            self._print(self._news.popleft())
+
+    def _print(self, line: str) -> None:
         if self.progress is not None:
             self.progress.write(line)
         elif self.stream is not None:
@@ -199,6 +214,7 @@ class MetricsLogger:
         A failure to write the event file is a `UserError`, unless `raise_error` is False
         (the run is already failing for another reason, whose error is the one to report).
         """
+        self._print_news()
         if self.progress is not None:
             self.progress.close()
             self.progress = None

@@ -1,4 +1,4 @@
-"""Everything a run decides and checks before its first step, and the host state it carries.
+"""Everything a run decides and checks before its first step.
 
 `prepare_run` resolves the config as run, picks the devices, builds the loader, takes the
 workdir (its lock, what it holds) and makes every check that can refuse a run with one
@@ -23,11 +23,9 @@ from jaxdist.checkpoints.identity import data_fingerprint, identity_differences
 from jaxdist.checkpoints.integrity import RUN_META_SHAPE
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
-from jaxdist.config import Config, check_allowed_changes, resume_conflicts, to_dict
+from jaxdist.config import Config, check_allowed_changes, resume_conflicts
 from jaxdist.config.checks import validate
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
-from jaxdist.loop.metrics import MetricWindow
-from jaxdist.loop.stopping import EarlyStopping, NonfiniteGuard
 from jaxdist.parallel.backend import AXIS, Backend
 from jaxdist.parallel.backends import make_backend
 from jaxdist.parallel.devices import free_memory_per_device
@@ -35,82 +33,7 @@ from jaxdist.parallel.layout import StateLayout, check_shard
 from jaxdist.parallel.processes import is_primary
 from jaxdist.step.experiment import Experiment
 from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
-from jaxdist.step.steps import NONFINITE, WEIGHT_SUM, TrainState, make_eval_step, make_train_step
-
-
-class RunState:
-    """The host-side state of one run that a checkpoint must carry besides the TrainState."""
-
-    def __init__(self, config: Config, backend: Backend, loader: Loader,
-                 identity: dict[str, Any]):
-        t = config.train
-        self.config, self.backend, self.loader = config, backend, loader
-        self.identity = identity
-        self.window = MetricWindow()
-        self.early = EarlyStopping(t.early_stopping.patience, t.early_stopping.metric,
-                                   t.early_stopping.mode, t.early_stopping.min_delta)
-        self.guard = NonfiniteGuard(t.max_nonfinite)
-        self.checkpoint: Path | None = None  # the newest checkpoint written or restored
-        self.settle: Callable[[], None] | None = None  # finishes a save in flight
-
-    def sync(self, step: int, also: Any = None) -> Any:
-        """Bring the window's pending steps to the host and check their non-finite flags.
-
-        `also` (small replicated values) comes back in the same transfer, as numpy.
-        """
-        rows, also = self.window.sync(self.backend, also)
-        for row in rows:
-            if self.guard.update(row[NONFINITE] > 0):
-                if self.settle is not None:
-                    self.settle()
-                raise UserError(self._nonfinite_message(step))
-        return also
-
-    def _nonfinite_message(self, step: int) -> str:
-        skipped = " and were skipped" if self.config.train.skip_nonfinite else ""
-        data = ("check the data for NaN/inf (and, for a cross-entropy loss, for labels "
-                "outside the model's classes, which give NaN)")
-        if self.checkpoint is None:
-            return (f"{self.guard.run} steps in a row (up to step {step}) had a non-finite "
-                    f"loss or gradient{skipped}; no checkpoint was saved. Lower "
-                    f"optimizer.learning_rate, {data}, or raise train.max_nonfinite, and "
-                    f"start again")
-        return (f"{self.guard.run} steps in a row (up to step {step}) had a non-finite loss "
-                f"or gradient{skipped}; the newest checkpoint, {self.checkpoint}, is intact "
-                f"(no checkpoint is written from non-finite parameters). To continue from "
-                f"it with a lower rate, rerun with optimizer.learning_rate=LOWER "
-                f"--allow-change optimizer.learning_rate (fit(..., allow_changes=...)); or "
-                f"{data}, or raise train.max_nonfinite")
-
-    def meta(self, loader_state: dict, eval_values: dict | None, stop_reason: str) -> dict:
-        """Everything but the TrainState that a resumed run needs (JSON-able)."""
-        return {"loader": loader_state, "identity": self.identity,
-                "devices": len(self.backend.global_devices),
-                "window": self.window.state(),
-                "early_stopping": self.early.state(), "nonfinite": self.guard.state(),
-                "config": to_dict(self.config), "stop_reason": stop_reason,
-                "eval": eval_values}
-
-    def check_resumable(self, meta: dict, where: Path) -> None:
-        """Refuse a checkpoint of another experiment, other data or another device count."""
-        differences = identity_differences(meta.get("identity", {}), self.identity)
-        if differences:
-            raise UserError(f"checkpoint {where} was saved from other data: "
-                            f"{'; '.join(differences)}; resume with the same experiment and "
-                            f"data, or use a new --workdir")
-        devices = len(self.backend.global_devices)
-        if self.config.parallel.grad_reduce == "sum" and meta["devices"] != devices:
-            raise UserError(f"parallel.grad_reduce=sum: the checkpoint was trained on "
-                            f"{meta['devices']} devices and this run has {devices}; under sum "
-                            f"the update grows with the device count, so resume on "
-                            f"{meta['devices']} devices or use a new --workdir")
-
-    def restore(self, meta: dict) -> None:
-        """Continue from `meta()`."""
-        self.loader.restore(meta["loader"])
-        self.window.restore(meta["window"])
-        self.early.restore(meta["early_stopping"])
-        self.guard.restore(meta["nonfinite"])
+from jaxdist.step.steps import WEIGHT_SUM, TrainState, make_eval_step, make_train_step
 
 
 @dataclass
@@ -130,13 +53,17 @@ class Start:
     backend: Backend
     loader: Loader
     tx: Any
-    run: RunState
+    identity: dict[str, Any]  # what a checkpoint must match: the experiment, its data
     # Fresh, or restored from the checkpoint: logical (whole leaves) on the host, but for
     # the leaves a checkpoint held split, which come back split on the devices.
     host_state: TrainState
     layout: StateLayout  # how the state is split over the devices (parallel.shard)
     step: int = 0
     resumed_meta: dict[str, Any] | None = None
+    checkpoint: Path | None = None  # the checkpoint resumed from
+    # The per-device steps, built once and traced (so checked) by `prepare_run`.
+    train_step: Callable | None = None
+    eval_step: Callable | None = None
     workdir: Path | None = None
     store: CheckpointStore | None = None
     lock: WorkdirLock | None = None
@@ -192,10 +119,9 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         config = fix_schedule_horizon(config, saved and saved.config)
         tx = build_optimizer(config.optimizer, across=AXIS if splits else None,
                              devices=len(backend.global_devices))
-        run = RunState(config, backend, loader, identity)
         host_state = initial_state(experiment, config, tx)
         layout = StateLayout(config.parallel.shard, host_state, tx, backend)
-        start = Start(config, backend, loader, tx, run, host_state, layout, workdir=workdir,
+        start = Start(config, backend, loader, tx, identity, host_state, layout, workdir=workdir,
                       store=store, lock=lock, removed=removed)
         _check_steps(experiment, start)
         if saved is not None:
@@ -233,14 +159,15 @@ def _check_steps(experiment: Experiment, start: Start) -> None:
     _check_prefetch(start.loader, backend, config.loader.prefetch, batch)
     layout = start.layout
     state, sharded = layout.split_shapes(start.host_state), layout.sharded_or_none
-    start.backend.trace(train_step_fn(experiment, start), state, batch, sharded)
+    start.train_step = train_step_fn(experiment, start)
+    start.backend.trace(start.train_step, state, batch, sharded)
     if experiment.eval_data is None:
         return
+    start.eval_step = eval_step_fn(experiment, start)
     first = next(eval_batches(experiment.eval_data, config.train.batch_size,
                               backend.num_devices, process_index=jax.process_index(),
                               process_count=jax.process_count()))
-    sums = backend.trace(eval_step_fn(experiment, start), state, first, sharded,
-                         returns_state=False)
+    sums = backend.trace(start.eval_step, state, first, sharded, returns_state=False)
     names = [name for name in sums if name != WEIGHT_SUM]
     for key, metric in (("train.early_stopping.metric", config.train.early_stopping.metric),
                         ("checkpoint.best_metric", config.checkpoint.best_metric)):
@@ -308,10 +235,24 @@ def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) ->
         raise UserError(f"checkpoint {where} was saved with other settings "
                         f"({'; '.join(conflicts[:3])}); resume with those values, use a new "
                         f"--workdir, or allow the change with --allow-change KEY")
-    start.run.check_resumable(saved.meta, where)
+    _check_resumable(start, saved.meta, where)
     start.host_state, meta = start.store.restore(
         saved.step, start.host_state, saved.meta,
         placed=start.layout.restore_targets(start.backend))
-    start.run.restore(meta)
-    start.run.checkpoint = where
-    start.step, start.resumed_meta = saved.step, meta
+    start.loader.restore(meta["loader"])  # the hooks' parts of `meta` are theirs (fit)
+    start.step, start.resumed_meta, start.checkpoint = saved.step, meta, where
+
+
+def _check_resumable(start: Start, meta: dict, where: Path) -> None:
+    """Refuse a checkpoint of another experiment, other data or another device count."""
+    differences = identity_differences(meta.get("identity", {}), start.identity)
+    if differences:
+        raise UserError(f"checkpoint {where} was saved from other data: "
+                        f"{'; '.join(differences)}; resume with the same experiment and "
+                        f"data, or use a new --workdir")
+    devices = len(start.backend.global_devices)
+    if start.config.parallel.grad_reduce == "sum" and meta["devices"] != devices:
+        raise UserError(f"parallel.grad_reduce=sum: the checkpoint was trained on "
+                        f"{meta['devices']} devices and this run has {devices}; under sum "
+                        f"the update grows with the device count, so resume on "
+                        f"{meta['devices']} devices or use a new --workdir")

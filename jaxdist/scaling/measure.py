@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from jaxdist.config import Config, apply_overrides
-from jaxdist.loop.start import prepare_run, train_step_fn
+from jaxdist.loop.start import prepare_run
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.dispatch import InFlightLimit
 from jaxdist.parallel.pmap import PmapBackend
@@ -135,8 +135,7 @@ def step_programs(experiment: Experiment, config: Config, devices: int, global_b
     start = prepare_run(experiment, config, None, False, ())
     backend, c, layout = start.backend, start.config, start.layout
     host_batch = start.loader.peek()
-    step = backend.compile(train_step_fn(experiment, start), traced=True,
-                           sharded=layout.sharded_or_none)
+    step = backend.compile(start.train_step, traced=True, sharded=layout.sharded_or_none)
     full = _step_program(step, layout.to_devices(backend, start.host_state),
                          backend.put_batch(host_batch))
     # Outputs that differ across devices: pmap directly, not Backend.compile (which refuses).
