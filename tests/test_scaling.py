@@ -15,10 +15,12 @@ import jaxdist
 from jaxdist.base.errors import UserError
 from jaxdist.loop.compiled import collectives
 from jaxdist.parallel.backend import AXIS
-from jaxdist.scaling.measure import allreduce_program, run_in_rounds, step_programs
+from jaxdist.scaling.measure import ComputeOnly, allreduce_program, run_in_rounds, step_programs
 from jaxdist.scaling.study import make_plan
 from jaxdist.step.steps import TrainState, make_train_step
 from tests.toy import make_data, mlp_experiment
+
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MLP = ["model.width=16", "model.depth=1"]
@@ -53,7 +55,7 @@ def test_the_compute_program_is_the_step_without_its_collectives():
 
 
 def test_without_the_reduction_each_device_steps_on_its_own_rows():
-    # Device 1's update with reduce_across_devices=False is a 1-device step on its rows.
+    # Device 1's update under ComputeOnly (no reduction) is a 1-device step on its rows.
     data = make_data(n=32)
     experiment, tx = mlp_experiment(data), optax.sgd(0.1)
     state = TrainState.create(experiment.init_params(jax.random.key(0)), tx,
@@ -61,7 +63,7 @@ def test_without_the_reduction_each_device_steps_on_its_own_rows():
     batch = {"x": data["x"][:16], "y": data["y"][:16], "weight": np.ones(16, np.float32)}
 
     def mapped(reduce, devices, state, batch):
-        step = make_train_step(experiment.loss_fn, tx, reduce_across_devices=reduce)
+        step = make_train_step(experiment.loss_fn, tx, None if reduce else ComputeOnly())
         n = len(devices)
         stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state)
         split = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)

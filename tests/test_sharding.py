@@ -28,6 +28,8 @@ from jaxdist.parallel.layout import SHARDS, Chunks, StateLayout
 from jaxdist.step.optimizers import build_optimizer, clip_by_global_norm, scale_by_trust_ratio
 from jaxdist.step.steps import TrainState
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = [s for s in SHARDS if s != "none"]
 EXPERIMENTS = {"digits_cnn": (digits, ["optimizer.clip_norm=0.5"]), "gpt_lm": (gpt, [])}
@@ -118,7 +120,7 @@ def test_the_padding_of_uneven_leaves_never_enters_the_state(shard):
     def loss(p, batch, rng):
         return batch["x"] @ p["w"].T @ p["b"] * 0 + batch["x"][:, 0], {}
 
-    step = backend.compile(make_train_step(loss, push, layout=layout),
+    step = backend.compile(make_train_step(loss, push, layout.strategy()),
                            sharded=layout.sharded_or_none)
     placed = layout.to_devices(backend, jax.device_get(state))
     batch = {"x": np.ones((8, 5), np.float32), "weight": np.ones(8, np.float32)}

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdist.parallel.backend import leaf_dtype
+from jaxdist.parallel.layout import Chunks
 from jaxdist.parallel.processes import barrier_timeout
 
 
@@ -41,8 +42,8 @@ def as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:
         return leaf
     if want is not None:
         return want
-    size = math.prod(np.shape(leaf))
-    return np.zeros(split[key] * max(1, -(-size // split[key])), leaf_dtype(leaf))
+    cut = Chunks.of(np.shape(leaf), split[key])
+    return np.zeros(cut.devices * cut.chunk, leaf_dtype(leaf))
 
 
 def as_asked(key: str, leaf: Any, got: Any, split: dict[str, int], want: Any) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxdist.config import Config
 from jaxdist.data import training_loader
-from jaxdist.loop.start import Start, prepare_run
+from jaxdist.loop.start import Start, prepare_run, step_options
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.backends import make_backend
 from jaxdist.parallel.layout import StateLayout
@@ -137,11 +137,8 @@ def lower_abstract_train_step(experiment: Experiment, config: Config) -> tuple[A
 
     state = jax.eval_shape(fresh_state)
     layout = StateLayout(config.parallel.shard, state, tx, backend)
-    t = config.train
-    step = make_train_step(experiment.loss_fn, tx, config.parallel.grad_reduce,
-                           t.skip_nonfinite, has_state=experiment.has_state,
-                           grad_accum=t.grad_accum, skip_with=t.skip_with, layout=layout,
-                           gathers_params=experiment.gathers_params)
+    step = make_train_step(experiment.loss_fn, tx, layout.strategy(),
+                           step_options(experiment, config), has_state=experiment.has_state)
     sharded = layout.sharded_or_none
     compiled = backend.compile(step, traced=True, sharded=sharded)
     shapes = (backend.placed_shapes(layout.split_shapes(state), sharded)

@@ -33,7 +33,7 @@ from jaxdist.parallel.layout import StateLayout, check_shard
 from jaxdist.parallel.processes import is_primary
 from jaxdist.step.experiment import Experiment
 from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
-from jaxdist.step.steps import WEIGHT_SUM, TrainState, make_eval_step, make_train_step
+from jaxdist.step.steps import WEIGHT_SUM, StepOptions, TrainState, make_eval_step, make_train_step
 
 
 @dataclass
@@ -186,19 +186,26 @@ def initial_state(experiment: Experiment, config: Config, tx: Any) -> TrainState
                                             model_state))
 
 
+def step_options(experiment: Experiment, config: Config) -> StepOptions:
+    """The train step's options that this run's config and experiment give."""
+    t = config.train
+    return StepOptions(grad_reduce=config.parallel.grad_reduce,
+                       skip_nonfinite=t.skip_nonfinite, skip_with=t.skip_with,
+                       grad_accum=t.grad_accum, gathers_params=experiment.gathers_params)
+
+
 def train_step_fn(experiment: Experiment, start: Start) -> Callable:
     """The per-device train step of this run."""
-    c = start.config
-    return make_train_step(experiment.loss_fn, start.tx, c.parallel.grad_reduce,
-                           c.train.skip_nonfinite, has_state=experiment.has_state,
-                           grad_accum=c.train.grad_accum, skip_with=c.train.skip_with,
-                           layout=start.layout, gathers_params=experiment.gathers_params)
+    return make_train_step(experiment.loss_fn, start.tx, start.layout.strategy(),
+                           step_options(experiment, start.config),
+                           has_state=experiment.has_state)
 
 
 def eval_step_fn(experiment: Experiment, start: Start) -> Callable:
     """The per-device evaluation step of this run."""
-    return make_eval_step(experiment.evaluation_fn(), has_state=experiment.has_state,
-                          layout=start.layout, gathers_params=experiment.gathers_params)
+    return make_eval_step(experiment.evaluation_fn(), start.layout.strategy(),
+                          has_state=experiment.has_state,
+                          gathers_params=experiment.gathers_params)
 
 
 def _saved_run(store: CheckpointStore, workdir: Path) -> SavedRun | None:

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, Backend, leaf_dtype, varying_axes
+from jaxdist.parallel.strategies import SplitGradients, SplitOptimizer, SplitParams, Strategy
 
 SHARDS = ("none", "optimizer", "gradients", "params")
 
@@ -139,6 +140,14 @@ class StateLayout:
             self.sharded, state)
         self.logical = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x)),
                                     state)
+
+    def strategy(self) -> Strategy:
+        """What the train step does for this layout (`jaxdist.parallel.strategies`)."""
+        if self.shard == "none":
+            return Strategy()
+        kinds = {"optimizer": SplitOptimizer, "gradients": SplitGradients,
+                 "params": SplitParams}
+        return kinds[self.shard](self)
 
     @property
     def splits_anything(self) -> bool:

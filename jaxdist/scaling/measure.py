@@ -9,7 +9,7 @@ The programs, for each device count n:
 - `step`: the experiment's train step as `fit` runs it, on one batch already on the devices
   (the input pipeline is not timed);
 - `compute`: the same step with every cross-device `psum` replaced by the device's own value
-  (`make_train_step(..., reduce_across_devices=False)`), mapped with `jax.pmap`;
+  (the `ComputeOnly` strategy), mapped with `jax.pmap`;
 - `allreduce`: a `psum` over n devices of a tree shaped and typed like the gradient (the
   params): the communication part of a step. It includes launching a program, much as a
   step's all-reduce includes waiting for the slowest device (with an empty program's time
@@ -29,10 +29,11 @@ import jax
 import numpy as np
 
 from jaxdist.config import Config, apply_overrides
-from jaxdist.loop.start import prepare_run
+from jaxdist.loop.start import prepare_run, step_options
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.dispatch import InFlightLimit
 from jaxdist.parallel.pmap import PmapBackend
+from jaxdist.parallel.strategies import Strategy
 from jaxdist.step.experiment import Experiment
 from jaxdist.step.optimizers import build_optimizer
 from jaxdist.step.steps import make_train_step
@@ -91,6 +92,19 @@ class Program:
     compiled: Any  # jax.stages.Compiled: `.as_text()` is the optimized program
 
 
+class ComputeOnly(Strategy):
+    """The replicated step without its communication, for measurement only.
+
+    Every cross-device sum is the device's own value, so the step computes what it does
+    on one device's rows alone. Its outputs differ across devices, which `Backend.compile`
+    refuses: it is mapped with `jax.pmap` directly, and never trains.
+    """
+
+    def total(self, tree: Any) -> Any:
+        """The device's own `tree`, not summed."""
+        return tree
+
+
 def gradient_tree(params: Any) -> Any:
     """Zeros shaped and typed like `params`: what a step's gradient all-reduce carries."""
     return jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), params)
@@ -141,10 +155,8 @@ def step_programs(experiment: Experiment, config: Config, devices: int, global_b
     # Outputs that differ across devices: pmap directly, not Backend.compile (which refuses).
     # The compute is that of the unsplit step (parallel.shard only moves its collectives).
     tx = build_optimizer(c.optimizer, devices=len(backend.global_devices))
-    local = make_train_step(experiment.loss_fn, tx, c.parallel.grad_reduce,
-                            c.train.skip_nonfinite, has_state=experiment.has_state,
-                            grad_accum=c.train.grad_accum, skip_with=c.train.skip_with,
-                            reduce_across_devices=False)
+    local = make_train_step(experiment.loss_fn, tx, ComputeOnly(),
+                            step_options(experiment, c), has_state=experiment.has_state)
     pmap_backend = PmapBackend(backend.devices)
     mapped = jax.pmap(local, axis_name=AXIS, devices=backend.devices, donate_argnums=(0,))
     compute = _step_program(mapped, pmap_backend.replicate(start.host_state),

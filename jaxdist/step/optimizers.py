@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdist.config import Config, OptimizerConfig
+from jaxdist.parallel.layout import Chunks
 
 
 def fix_schedule_horizon(config: Config, saved: Mapping[str, Any] | None = None) -> Config:
@@ -99,10 +100,10 @@ def sum_of_squares(x: jax.Array, devices: int, across: str | None) -> jax.Array:
         gathered = jax.lax.all_gather(jnp.sum(jnp.square(x.astype(jnp.float32))), across)
         parts = [gathered[i] for i in range(devices)]
     else:
-        chunk = max(1, -(-x.size // devices))
-        flat = x.reshape(-1).astype(jnp.float32)
-        flat = jnp.pad(flat, (0, devices * chunk - x.size))
-        parts = [jnp.sum(jnp.square(flat[i * chunk:(i + 1) * chunk])) for i in range(devices)]
+        cut = Chunks.of(x.shape, devices)
+        flat = cut.padded(x.astype(jnp.float32))
+        parts = [jnp.sum(jnp.square(flat[i * cut.chunk:(i + 1) * cut.chunk]))
+                 for i in range(devices)]
     total = parts[0]
     for part in parts[1:]:
         total = total + part

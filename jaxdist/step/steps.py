@@ -25,7 +25,8 @@ Gradient reduction (`grad_reduce`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,7 @@ import optax
 from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, mark_varying, require_same_on_every_device
-
-if TYPE_CHECKING:
-    from jaxdist.parallel.layout import StateLayout
+from jaxdist.parallel.strategies import Strategy
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -116,12 +115,30 @@ def _weighted_sums(losses: jax.Array, aux: dict[str, jax.Array],
     return sums
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a train step treats its batch and its gradients.
+
+    The config's `train.*` and `parallel.grad_reduce`, and whether the model gathers its
+    own split parameters.
+    """
+
+    grad_reduce: Literal["mean", "sum"] = "mean"
+    skip_nonfinite: bool = True
+    skip_with: Literal["cond", "where"] = "cond"
+    grad_accum: int = 1
+    gathers_params: bool = False  # `Experiment.gathers_params`
+
+    def __post_init__(self) -> None:
+        if self.grad_reduce not in ("mean", "sum"):
+            raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {self.grad_reduce!r}")
+        if self.skip_with not in ("cond", "where"):
+            raise ValueError(f"skip_with must be 'cond' or 'where', not {self.skip_with!r}")
+
+
 def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
-                    grad_reduce: Literal["mean", "sum"] = "mean", skip_nonfinite: bool = True,
-                    *, has_state: bool = False, grad_accum: int = 1,
-                    skip_with: Literal["cond", "where"] = "cond",
-                    reduce_across_devices: bool = True, layout: StateLayout | None = None,
-                    gathers_params: bool = False
+                    strategy: Strategy | None = None, options: StepOptions = StepOptions(),
+                    has_state: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the per-device step `(state, batch) -> (state, summed_metrics)`.
 
@@ -130,42 +147,24 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     `jaxdist.parallel`. `has_state` says `loss_fn` is in the stateful form.
 
     A step whose global loss or gradient holds a NaN or inf counts 1 in `nonfinite_steps`.
-    With `skip_nonfinite` it also changes neither the params, the model state nor the
-    optimizer state, on every device alike (the test is made on the all-reduced values,
+    With `options.skip_nonfinite` it also changes neither the params, the model state nor
+    the optimizer state, on every device alike (the test is made on the all-reduced values,
     which every device shares), and its metric sums are zeroed. `skip_with="cond"` branches
     (`lax.cond`); `"where"` computes the update and selects, leaf by leaf, with no branch.
 
     A micro-batch whose total weight over all devices is 0 (all padding) leaves the model
     state (e.g. BatchNorm's running statistics) as it was.
 
-    `reduce_across_devices=False` is for measurement only (`jaxdist.scaling`): every
-    cross-device `psum` becomes the device's own value, so the step does its compute without
-    its communication. Its outputs then differ across devices, which `Backend.compile`
-    refuses: map it with `jax.pmap(..., axis_name="batch")` directly, and never train with it.
-
-    `layout` (a `jaxdist.parallel.layout.StateLayout`) splits the state over the devices as its
-    `parallel.shard` says: the gradients are reduce-scattered, each device updates its
-    chunk of the parameters with its chunk of the optimizer state (`tx` must then sum its
-    global quantities over the devices: `build_optimizer(..., across=AXIS)`), and the
-    parameters are all-gathered again (or, for `params`, gathered inside the loss).
-    Compile the step with the layout's `sharded` tree. `gathers_params`: the loss function
-    gathers its parameters itself (`Experiment.gathers_params`).
+    `strategy` (`jaxdist.parallel.strategies`, from `StateLayout.strategy()`; None: all
+    replicated) says how the gradients are reduced and the update applied: with a split
+    layout each device updates its chunk of the parameters with its chunk of the
+    optimizer state (`tx` must then sum its global quantities over the devices:
+    `build_optimizer(..., across=AXIS)`). Compile the step with the layout's `sharded` tree.
     """
-    if grad_reduce not in ("mean", "sum"):
-        raise ValueError(f"grad_reduce must be 'mean' or 'sum', not {grad_reduce!r}")
-    if skip_with not in ("cond", "where"):
-        raise ValueError(f"skip_with must be 'cond' or 'where', not {skip_with!r}")
-    shard = layout.shard if layout is not None else "none"
-    split = shard != "none"
-    if split and not reduce_across_devices:
-        raise ValueError("reduce_across_devices=False measures the unsplit step only")
-    loss = loss_fn if has_state else stateful(loss_fn)
-    if shard == "params":
-        # The gradient comes back reduce-scattered (the transpose of the gather).
-        loss = layout.gathering_loss(loss, by_model=gathers_params)
-
-    def psum(tree):
-        return jax.lax.psum(tree, AXIS) if reduce_across_devices else tree
+    strategy = strategy or Strategy()
+    o = options
+    accumulating = o.grad_accum > 1
+    loss = strategy.loss(loss_fn if has_state else stateful(loss_fn), by_model=o.gathers_params)
 
     def weighted_loss_sum(params, model_state, batch, rng, scale=None):
         losses, aux, new_state = loss(params, model_state, batch, rng)
@@ -173,33 +172,28 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         if has_state:
             require_same_on_every_device(new_state, "model_state")
             # One scalar psum: a batch that is all padding on every device changes nothing.
-            seen = psum(sums[WEIGHT_SUM]) > 0
+            seen = strategy.total(sums[WEIGHT_SUM]) > 0
             new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
                                      model_state)
         total = sums[LOSS_SUM] if scale is None else sums[LOSS_SUM] * scale
         return total, (sums, new_state)
 
     grad_fn = jax.grad(weighted_loss_sum, has_aux=True)
-    # With `params`, every micro-batch's gradient comes reduce-scattered from the gather's
-    # transpose; with `gradients`, it is reduce-scattered at once; otherwise each device
-    # accumulates its own whole gradient and it is reduced once, after the last.
-    scatter_each = shard == "gradients" and grad_accum > 1
-    reduced_inside = shard == "params" or scatter_each
 
     def micro_gradients(params, model_state, batch, rng, scale):
         grads, aux = grad_fn(params, model_state, batch, rng, scale)
-        return (layout.scatter_sum(grads) if scatter_each else grads), aux
+        return strategy.micro_gradients(grads, accumulating), aux
 
     def local_gradients(params, model_state, batch, rng, scale):
         """Gradient of this device's weighted loss sum, its metric sums, the model state."""
         # Marked as differing across devices, the params' gradient is this device's own;
         # the step's psum is then the one reduction, under shard_map as under pmap.
         params = mark_varying(params)
-        if grad_accum == 1:
+        if not accumulating:
             grads, (sums, model_state) = micro_gradients(params, model_state, batch, rng,
                                                          scale)
             return grads, sums, model_state
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: x.reshape(o.grad_accum, -1, *x.shape[1:]), batch)
 
         def accumulate(carry, inputs):
             grads, sums, model_state = carry
@@ -214,33 +208,25 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
             scale))
         carry = (mark_varying(zeros[0]), mark_varying(zeros[1][0]), model_state)
         (grads, sums, model_state), _ = jax.lax.scan(
-            accumulate, carry, (jnp.arange(grad_accum), micro))
+            accumulate, carry, (jnp.arange(o.grad_accum), micro))
         return grads, sums, model_state
 
     def reduced_gradients(params, model_state, batch, rng):
         """The gradient (whole, or this device's chunk of it), the metric sums, model state."""
-        if not split:
-            grad_sums, local, model_state = local_gradients(params, model_state, batch, rng,
-                                                            None)
-            # Two separate psums: one all-reduce mixing the gradients with the scalar
-            # metrics measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
-            totals = psum(local)
-            if grad_reduce == "mean":
-                grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]),
-                                     psum(grad_sums))
-            else:
-                grads = psum(jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]),
-                                          grad_sums))
-            return grads, totals, model_state
-        # Under `sum`, each device's gradient is of its own mean loss: scaling the
-        # differentiated loss by 1 / (its weight) makes the reduction the plain sum.
-        scale = None if grad_reduce == "mean" else 1.0 / _nonzero(
-            jnp.sum(batch["weight"].astype(jnp.float32)))
+        # Under `sum`, each device's gradient is of its own mean loss. Split, scaling the
+        # differentiated loss by 1 / (its weight) makes the reduction the plain sum;
+        # whole, each device divides its gradient before the all-reduce.
+        scale = None
+        if o.grad_reduce == "sum" and strategy.splits:
+            scale = 1.0 / _nonzero(jnp.sum(batch["weight"].astype(jnp.float32)))
         grads, local, model_state = local_gradients(params, model_state, batch, rng, scale)
-        totals = psum(local)
-        if not reduced_inside:
-            grads = layout.scatter_sum(grads)
-        if grad_reduce == "mean":
+        # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
+        # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
+        totals = strategy.total(local)
+        if o.grad_reduce == "sum" and not strategy.splits:
+            grads = jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grads)
+        grads = strategy.reduce(grads, accumulating)
+        if o.grad_reduce == "mean":
             grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]), grads)
         return grads, totals, model_state
 
@@ -248,27 +234,22 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
         rng = device_rng(state.rng, state.step)
         grads, totals, model_state = reduced_gradients(state.params, state.model_state,
                                                        batch, rng)
-        own = layout.own_params(state.params) if shard in ("optimizer", "gradients") else (
-            state.params)
+        own = strategy.own(state.params)
 
         def update(model_state):
             updates, opt_state = tx.update(grads, state.opt_state, own)
-            if not split:
-                return optax.apply_updates(own, updates), opt_state, model_state
-            chunks = optax.apply_updates(own, layout.mask_padding(updates))
-            params = chunks if shard == "params" else layout.gather_params(chunks)
-            return params, opt_state, model_state
+            return strategy.apply(own, updates), opt_state, model_state
 
-        finite = _all_finite((totals[LOSS_SUM], grads), across_devices=split)
+        finite = strategy.all_finite((totals[LOSS_SUM], grads))
         kept = (state.params, state.opt_state, state.model_state)
-        if skip_nonfinite and skip_with == "cond":
+        if o.skip_nonfinite and o.skip_with == "cond":
             # The finite path costs no extra pass over the params and optimizer state.
             params, opt_state, model_state = jax.lax.cond(finite, update, lambda _: kept,
                                                           model_state)
-        elif skip_nonfinite:
+        elif o.skip_nonfinite:
             params, opt_state, model_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), update(model_state), kept)
-        if skip_nonfinite:
+        if o.skip_nonfinite:
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
         else:
             params, opt_state, model_state = update(model_state)
@@ -280,28 +261,19 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     return train_step
 
 
-def _all_finite(tree: PyTree, across_devices: bool = False) -> jax.Array:
-    # A NaN or inf anywhere makes the sum non-finite (inf - inf is NaN): one reduction pass.
-    # `across_devices`: the tree is each device's chunk; the verdict is on all of them.
-    total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
-    if across_devices:
-        total = jax.lax.psum(total, AXIS)
-    return jnp.isfinite(total)
-
-
-def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, *, has_state: bool = False,
-                   layout: StateLayout | None = None, gathers_params: bool = False
+def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, strategy: Strategy | None = None,
+                   has_state: bool = False, gathers_params: bool = False
                    ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Build the per-device step `(state, batch) -> summed_metrics`.
 
     `eval_fn(params, batch) -> (losses, aux)` (or `eval_fn(params, model_state, batch)` with
     `has_state`) is deterministic (no dropout). Padding rows weigh 0, so summing over an
-    epoch of padded batches counts every example exactly once. With a `layout` that splits
-    the parameters, they are gathered first (or by `eval_fn`: `gathers_params`).
+    epoch of padded batches counts every example exactly once. With a `strategy` whose
+    parameters are split, they are gathered first (or by `eval_fn`: `gathers_params`).
     """
-    evaluate = eval_fn if has_state else stateful_eval(eval_fn)
-    if layout is not None and layout.shard == "params":
-        evaluate = layout.gathering_loss(evaluate, by_model=gathers_params)
+    strategy = strategy or Strategy()
+    evaluate = strategy.loss(eval_fn if has_state else stateful_eval(eval_fn),
+                             by_model=gathers_params)
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         losses, aux = evaluate(state.params, state.model_state, batch)
