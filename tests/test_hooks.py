@@ -105,3 +105,25 @@ def test_the_keys_of_jaxdists_own_hooks_are_reserved():
     own = {hook.key for hook in default_hooks(run_config(2), lambda *a: None, {}, None)
            if hook.key is not None}
     assert own == {"nonfinite", "early_stopping"} and own <= set(RESERVED_KEYS)
+
+
+class StopAt(Hook):
+    """Asks the run to stop after step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, run, sums):
+        if run.step == self.step:
+            run.request_stop("early_stopped")
+
+
+def test_a_hook_that_stops_the_run_ends_it_after_that_step_and_it_stays_done(tmp_path):
+    result = fit(mlp_experiment(), run_config(10), tmp_path / "run", stream=None,
+                 hooks=[StopAt(4)])
+    assert (result.step, result.stop_reason) == (4, "early_stopped")
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json")
+                      .read_text())
+    assert meta["stop_reason"] == "early_stopped"
+    again = fit(mlp_experiment(), run_config(10), tmp_path / "run", stream=None)
+    assert (again.step, again.stop_reason) == (4, "already_complete")

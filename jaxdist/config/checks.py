@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least
 
 Config = Any  # a jaxdist.config.Config (not imported: that module imports this one)
 
@@ -83,7 +83,7 @@ def validate(config: Config) -> None:
         raise UserError(bad)
     for bad in _non_finite_floats(config)[:1]:
         raise UserError(f"{bad} must be a finite number")
-    t, o, p, d = config.train, config.optimizer, config.parallel, config.loader
+    t, o, p = config.train, config.optimizer, config.parallel
     checks = [
         (0 < t.steps <= MAX_STEPS, f"train.steps={t.steps} must be in [1, {MAX_STEPS}] (the "
                                    f"step counter is a 32-bit integer)"),
@@ -92,28 +92,34 @@ def validate(config: Config) -> None:
         (t.log_every > 0, f"train.log_every={t.log_every} must be > 0"),
         (o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0"),
         (0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)"),
-        (o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0"),
-        (o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0"),
+        _minimum(config, "optimizer.weight_decay", 0),
+        _minimum(config, "optimizer.warmup_steps", 0),
         (o.decay_steps >= 0, f"optimizer.decay_steps={o.decay_steps} must be >= 0 (0: the "
                              f"run's train.steps)"),
         (0 <= o.final_fraction <= 1,
          f"optimizer.final_fraction={o.final_fraction} must be in [0, 1]"),
         (o.step_factor > 0, f"optimizer.step_factor={o.step_factor} must be > 0"),
-        (t.early_stopping.min_delta >= 0,
-         f"train.early_stopping.min_delta={t.early_stopping.min_delta} must be >= 0"),
+        _minimum(config, "train.early_stopping.min_delta", 0),
         (p.devices >= 0, f"parallel.devices={p.devices} must be > 0, or all"),
-        (d.prefetch >= 1, f"loader.prefetch={d.prefetch} must be >= 1"),
-        (t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0"),
-        (t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1"),
+        _minimum(config, "loader.prefetch", 1),
+        _minimum(config, "train.eval_every", 0),
+        _minimum(config, "train.grad_accum", 1),
         (o.schedule != "step" or o.step_every > 0,
          "optimizer.schedule=step needs optimizer.step_every > 0"),
-        (o.clip_norm >= 0, f"optimizer.clip_norm={o.clip_norm} must be >= 0"),
-        (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0"),
-        (t.max_nonfinite >= 0, f"train.max_nonfinite={t.max_nonfinite} must be >= 0"),
-        (t.early_stopping.patience >= 0,
-         f"train.early_stopping.patience={t.early_stopping.patience} must be >= 0"),
-        (config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1"),
+        _minimum(config, "optimizer.clip_norm", 0),
+        _minimum(config, "train.checkpoint_every", 0),
+        _minimum(config, "train.max_nonfinite", 0),
+        _minimum(config, "train.early_stopping.patience", 0),
+        _minimum(config, "checkpoint.keep", 1),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _minimum(config: Config, key: str, minimum: float) -> tuple[bool, str]:
+    """Whether the value at `key` is at least `minimum`, and the message if it is not."""
+    value = config
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value >= minimum, at_least(f"{key}={value}", minimum)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, choose_one_of
 from jaxdist.config.checks import validate
 
 # Field metadata key: words accepted in place of a value, e.g. {"full": 0} for batch_size.
@@ -353,7 +353,7 @@ def parse_value(key: str, raw: str, hint: Any, aliases: dict[str, Any] | None = 
     if origin is Literal:
         choices = typing.get_args(hint)
         if raw not in choices:
-            raise UserError(f"{key}={raw} is not allowed; choose one of: {', '.join(choices)}")
+            raise UserError(choose_one_of(f"{key}={raw}", choices, "is not allowed"))
         return raw
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least
 from jaxdist.base.schema import Each, ListOf, describe_value, load_json
 from jaxdist.data.shard_files import ShardArray, open_npy, open_npz
 from jaxdist.data.sources import _column, validate_arrays
@@ -34,7 +34,7 @@ def write_shards(folder: str | Path, arrays: Mapping[str, np.ndarray], rows_per_
     """
     size = validate_arrays(arrays)
     if rows_per_shard < 1:
-        raise UserError(f"rows_per_shard={rows_per_shard} must be >= 1")
+        raise UserError(at_least(f"rows_per_shard={rows_per_shard}", 1))
     if fmt not in ("npy", "npz"):
         raise UserError(f"fmt={fmt!r} is unknown; use 'npy' or 'npz'")
     folder = Path(folder)

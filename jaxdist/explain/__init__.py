@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least, choose_one_of
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import Backend
 from jaxdist.step.experiment import ExplainSpec
@@ -57,8 +57,7 @@ class Method:
     def check(self) -> None:
         """Refuse settings that cannot work (one line)."""
         if self.name not in METHODS:
-            raise UserError(f"method {self.name!r} is unknown; choose one of: "
-                            f"{', '.join(METHODS)}")
+            raise UserError(choose_one_of(f"method {self.name!r}", METHODS))
         if self.name == "smoothgrad" and self.base not in ("saliency", "grad_x_input", "ig"):
             raise UserError(f"smoothgrad averages saliency, grad_x_input or ig, not "
                             f"{self.base!r}")
@@ -66,7 +65,7 @@ class Method:
             raise UserError(f"rule {self.rule!r} is unknown; choose riemann or gauss")
         for name in ("steps", "samples", "chunk"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)} must be >= 1")
+                raise UserError(at_least(f"{name}={getattr(self, name)}", 1))
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise UserError(f"noise={self.noise} must be a finite number >= 0 (a fraction of "
                             f"each example's value range, e.g. 0.1)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdist.base.cli import OneLineParser, print_paths
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least
 from jaxdist.base.files import output_folder, replace_inside
 from jaxdist.explain import (
     METHODS,
@@ -83,7 +83,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     method.check()
     target = _target(args.target)
     if args.examples < 1:
-        raise UserError(f"--examples {args.examples} must be >= 1")
+        raise UserError(at_least(f"--examples {args.examples}", 1))
 
     from jaxdist.data import as_source
     from jaxdist.loop.restore import restore_run

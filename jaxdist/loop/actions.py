@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
+from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.saving import CheckpointWriter
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, record_saved_step
@@ -158,15 +159,17 @@ class StopEarly(Hook):
 
     def __init__(self, rule: EarlyStopping):
         self.rule = rule
+        self._stopped = False
 
     def after_log(self, run: Run, split: str, values: dict[str, float]) -> None:
         """Follow the eval metric (of the evaluations during the loop, not the final one)."""
         if split == "eval" and not run.ending and self.rule.update(run.step, values):
             run.request_stop("early_stopped")
+            self._stopped = True
 
     def on_stop(self, run: Run) -> None:
-        """Say why the run stopped early."""
-        if run.stop_reason == "early_stopped":
+        """Say why the run stopped early (when this rule stopped it)."""
+        if self._stopped and run.stop_reason == "early_stopped":
             r = self.rule
             run.logger.say(f"early stopping at step {run.step}: eval {r.metric} has not "
                            f"improved for {r.patience} evaluations (best {r.best:.6g} at "
@@ -218,7 +221,7 @@ class SaveCheckpoints(Hook):
     """
 
     def __init__(self, store: CheckpointStore, writer: CheckpointWriter, every: int,
-                 steps: int, meta: Callable[[Run, str], dict[str, Any]],
+                 steps: int, meta: Callable[[Run, str], RunMeta],
                  lock: WorkdirLock | None, workdir: Path | None):
         self.store, self.writer, self.every, self.steps = store, writer, every, steps
         self.meta, self.lock, self.workdir = meta, lock, workdir
@@ -255,7 +258,7 @@ class SaveCheckpoints(Hook):
         if self.lock is not None:
             self.lock.check()  # the workdir is still this run's alone
         with host_reads():
-            self.writer.save(run.step, form, self.meta(run, reason),
+            self.writer.save(run.step, form, self.meta(run, reason).to_json(),
                              self._committed(run, run.step, time.perf_counter() - started),
                              logical=run.layout.logical, split=run.layout.split_leaves())
         self._saving.append(run.step)
@@ -293,11 +296,11 @@ def default_hooks(config: Config, eval_step: Callable | None, eval_data: Any,
     return hooks
 
 
-def window_of(meta: dict[str, Any] | None) -> MetricWindow:
+def window_of(meta: RunMeta | None) -> MetricWindow:
     """The metric window a checkpoint's meta continues (a fresh one without)."""
     window = MetricWindow()
     if meta is not None:
-        window.restore(meta["window"])
+        window.restore(meta.window)
     return window
 
 

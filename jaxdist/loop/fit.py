@@ -25,6 +25,7 @@ from jaxdist.base.errors import UserError
 from jaxdist.base.files import write_text_atomically
 from jaxdist.base.pytree import PyTree
 from jaxdist.checkpoints.integrity import MANIFEST, sha256_file
+from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.saving import CheckpointWriter
 from jaxdist.checkpoints.workdir import require_same_resume, require_same_workdir
 from jaxdist.config import Config, flatten, to_dict, to_json
@@ -152,8 +153,8 @@ def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
             config.train.steps, _meta_of(start), start.lock, start.workdir)
     hooks = [*default_hooks(config, eval_step, experiment.eval_data, saves), *hooks]
     for hook in hooks:
-        if hook.key is not None and meta is not None and hook.key in meta:
-            hook.restore(meta[hook.key])
+        if hook.key is not None and meta is not None and hook.key in meta.hooks:
+            hook.restore(meta.hooks[hook.key])
     run = Run(config, backend, layout, logger, window_of(meta), hooks, state, start.step,
               checkpoint=start.checkpoint)
     try:
@@ -212,24 +213,25 @@ def _open_logger(experiment: Experiment, start: Start, stream: TextIO | None) ->
 def _finished(start: Start, logger: MetricsLogger, has_eval: bool) -> bool:
     """Whether the checkpoint resumed from ends the run (its lost eval line logged again)."""
     meta = start.resumed_meta
-    if meta is None or not (meta["stop_reason"] == "early_stopped" or (
-            start.step >= start.config.train.steps and meta["stop_reason"] == "completed"
-            and (meta["eval"] is not None or not has_eval))):
+    if meta is None or not (meta.stop_reason == "early_stopped" or (
+            start.step >= start.config.train.steps and meta.stop_reason == "completed"
+            and (meta.eval is not None or not has_eval))):
         return False
-    if meta["eval"] is not None and not any(
+    if meta.eval is not None and not any(
             r["step"] == start.step and r["split"] == "eval" for r in logger.records):
-        logger.log(start.step, "eval", meta["eval"])  # its line was lost with a crash
+        logger.log(start.step, "eval", meta.eval)  # its line was lost with a crash
     return True
 
 
-def _meta_of(start: Start) -> Callable[[Run, str], dict[str, Any]]:
-    """What a checkpoint of this run keeps besides the TrainState (JSON-able)."""
-    def meta(run: Run, stop_reason: str) -> dict[str, Any]:
-        return {"loader": run.loader_state(), "identity": start.identity,
-                "devices": len(run.backend.global_devices), "window": run.window.state(),
-                **{hook.key: hook.state() for hook in run.hooks if hook.key is not None},
-                "config": to_dict(run.config), "stop_reason": stop_reason,
-                "eval": run.eval_values}
+def _meta_of(start: Start) -> Callable[[Run, str], RunMeta]:
+    """What a checkpoint of this run keeps besides the TrainState."""
+    def meta(run: Run, stop_reason: str) -> RunMeta:
+        return RunMeta(loader=run.loader_state(), identity=start.identity,
+                       devices=len(run.backend.global_devices), window=run.window.state(),
+                       config=to_dict(run.config), stop_reason=stop_reason,
+                       eval=run.eval_values,
+                       hooks={hook.key: hook.state() for hook in run.hooks
+                              if hook.key is not None})
     return meta
 
 

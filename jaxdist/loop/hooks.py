@@ -89,7 +89,11 @@ class Run:
             getattr(hook, moment)(self, *args)
 
     def request_stop(self, reason: str, by: str | None = None) -> None:
-        """End the loop after this step: "early_stopped" or "preempted" (by a signal)."""
+        """End the loop after this step, and save.
+
+        `reason`: "early_stopped" (the run is done: a rerun does not continue it) or
+        "preempted" (by the signal `by`: a rerun continues it).
+        """
         self.stop_reason, self.stopped_by = reason, by
 
     def sync(self, also: PyTree = None) -> Any:

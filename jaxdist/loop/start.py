@@ -21,6 +21,7 @@ from jaxdist.base.errors import UserError
 from jaxdist.base.schema import load_json
 from jaxdist.checkpoints.identity import data_fingerprint, identity_differences
 from jaxdist.checkpoints.integrity import RUN_META_SHAPE
+from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
 from jaxdist.config import Config, check_allowed_changes, resume_conflicts
@@ -59,7 +60,7 @@ class Start:
     host_state: TrainState
     layout: StateLayout  # how the state is split over the devices (parallel.shard)
     step: int = 0
-    resumed_meta: dict[str, Any] | None = None
+    resumed_meta: RunMeta | None = None
     checkpoint: Path | None = None  # the checkpoint resumed from
     # The per-device steps, built once and traced (so checked) by `prepare_run`.
     train_step: Callable | None = None
@@ -242,24 +243,25 @@ def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) ->
         raise UserError(f"checkpoint {where} was saved with other settings "
                         f"({'; '.join(conflicts[:3])}); resume with those values, use a new "
                         f"--workdir, or allow the change with --allow-change KEY")
-    _check_resumable(start, saved.meta, where)
-    start.host_state, meta = start.store.restore(
+    resumed = RunMeta.from_json(saved.meta)
+    _check_resumable(start, resumed, where)
+    start.host_state, _ = start.store.restore(
         saved.step, start.host_state, saved.meta,
         placed=start.layout.restore_targets(start.backend))
-    start.loader.restore(meta["loader"])  # the hooks' parts of `meta` are theirs (fit)
-    start.step, start.resumed_meta, start.checkpoint = saved.step, meta, where
+    start.loader.restore(resumed.loader)  # the hooks' parts are theirs (fit)
+    start.step, start.resumed_meta, start.checkpoint = saved.step, resumed, where
 
 
-def _check_resumable(start: Start, meta: dict, where: Path) -> None:
+def _check_resumable(start: Start, meta: RunMeta, where: Path) -> None:
     """Refuse a checkpoint of another experiment, other data or another device count."""
-    differences = identity_differences(meta.get("identity", {}), start.identity)
+    differences = identity_differences(meta.identity, start.identity)
     if differences:
         raise UserError(f"checkpoint {where} was saved from other data: "
                         f"{'; '.join(differences)}; resume with the same experiment and "
                         f"data, or use a new --workdir")
     devices = len(start.backend.global_devices)
-    if start.config.parallel.grad_reduce == "sum" and meta["devices"] != devices:
+    if start.config.parallel.grad_reduce == "sum" and meta.devices != devices:
         raise UserError(f"parallel.grad_reduce=sum: the checkpoint was trained on "
-                        f"{meta['devices']} devices and this run has {devices}; under sum "
+                        f"{meta.devices} devices and this run has {devices}; under sum "
                         f"the update grows with the device count, so resume on "
-                        f"{meta['devices']} devices or use a new --workdir")
+                        f"{meta.devices} devices or use a new --workdir")

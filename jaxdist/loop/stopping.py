@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, choose_one_of
 
 
 class EarlyStopping:
@@ -27,8 +27,8 @@ class EarlyStopping:
         if self.patience == 0:
             return False
         if self.metric not in values:
-            raise UserError(f"train.early_stopping.metric={self.metric} is not an eval metric; "
-                            f"choose one of: {', '.join(sorted(values))}")
+            raise UserError(choose_one_of(f"train.early_stopping.metric={self.metric}",
+                                          sorted(values), "is not an eval metric"))
         value = values[self.metric]
         if self._improves(value):
             self.best, self.best_step, self.bad_evaluations = value, step, 0

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, choose_one_of
 from jaxdist.parallel.layout import gather_where_used
 
 
@@ -72,8 +72,7 @@ def check_attention(attention: str, dtype: Any, platform: str | None = None) -> 
     `platform` defaults to that of `jax.devices()[0]` (`cpu`, `gpu`, `tpu`).
     """
     if attention not in ATTENTIONS:
-        raise UserError(f"model.attention={attention} is unknown; choose one of: "
-                        f"{', '.join(ATTENTIONS)}")
+        raise UserError(choose_one_of(f"model.attention={attention}", ATTENTIONS))
     if attention != "cudnn":
         return
     platform = platform or jax.devices()[0].platform
@@ -107,7 +106,7 @@ def block_class(remat: str, like: Any = None) -> type[nn.Module]:
     if remat == "dots":
         return nn.remat(block, static_argnums=(2,),
                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise UserError(f"model.remat={remat} is unknown; choose one of: {', '.join(REMATS)}")
+    raise UserError(choose_one_of(f"model.remat={remat}", REMATS))
 
 
 class GPT(nn.Module):

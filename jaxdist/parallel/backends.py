@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, choose_one_of
 from jaxdist.parallel.backend import Backend
 from jaxdist.parallel.devices import select_devices
 from jaxdist.parallel.pmap import PmapBackend
@@ -14,7 +14,6 @@ BACKENDS = ("pmap", "shard_map")
 def make_backend(name: str, num_devices: int = 0) -> Backend:
     """Build the backend called `name` (`pmap` or `shard_map`) over `num_devices` devices."""
     if name not in BACKENDS:
-        raise UserError(f"parallel.backend={name} is unknown; choose one of: "
-                        f"{', '.join(BACKENDS)}")
+        raise UserError(choose_one_of(f"parallel.backend={name}", BACKENDS))
     backend = PmapBackend if name == "pmap" else ShardMapBackend
     return backend(select_devices(num_devices))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, choose_one_of
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, Backend, leaf_dtype, varying_axes
 from jaxdist.parallel.strategies import SplitGradients, SplitOptimizer, SplitParams, Strategy
@@ -55,7 +55,7 @@ SHARDS = ("none", "optimizer", "gradients", "params")
 def check_shard(shard: str) -> None:
     """Refuse (one line) an unknown `parallel.shard`."""
     if shard not in SHARDS:
-        raise UserError(f"parallel.shard={shard} is unknown; choose one of: {', '.join(SHARDS)}")
+        raise UserError(choose_one_of(f"parallel.shard={shard}", SHARDS))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jaxdist.base.cli import OneLineParser
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least
 
 if TYPE_CHECKING:
     from jaxdist.config import Config
@@ -108,7 +108,7 @@ def check_numbers(args: argparse.Namespace) -> None:
                    "global_batch", "rounds", "window_steps"):
         value = getattr(args, option)
         if value is not None and value < 1:
-            raise UserError(f"--{option.replace('_', '-')} {value} must be >= 1")
+            raise UserError(at_least(f"--{option.replace('_', '-')} {value}", 1))
     if args.steps is not None and args.steps > MAX_STEPS:
         raise UserError(f"--steps {_shown(args.steps)} is more than a run can take "
                         f"({MAX_STEPS}: the step counter is 32-bit); ask for fewer")

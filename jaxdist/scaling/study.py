@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxdist.base.errors import UserError
+from jaxdist.base.errors import UserError, at_least
 from jaxdist.config import Config
 from jaxdist.data import as_source
 from jaxdist.loop.compiled import ring_traffic
@@ -95,7 +95,7 @@ def make_plan(config: Config, dataset_size: int, counts: Sequence[int],
     if per_device_batch is None:
         per_device_batch = global_batch // counts[-1]
     if per_device_batch < 1:
-        raise UserError(f"--per-device-batch {per_device_batch} must be >= 1")
+        raise UserError(at_least(f"--per-device-batch {per_device_batch}", 1))
     for label, size in (("--global-batch", global_batch),
                         ("--per-device-batch x devices", per_device_batch * counts[-1])):
         if size > dataset_size and config.loader.drop_remainder:
