@@ -5,11 +5,20 @@ The names below are the package's public ones.
 """
 
 from jaxdist.config.checks import MAX_STEPS, validate
-from jaxdist.config.sections import (
-    ALIASES,
+from jaxdist.config.overrides import apply_overrides, describe_keys, leaf_keys, parse_value
+from jaxdist.config.saved import (
     EXPERIMENT_DIGEST_KEY,
     EXPERIMENT_KEY,
     RESUMABLE_KEYS,
+    check_allowed_changes,
+    flatten,
+    from_dict,
+    resume_conflicts,
+    to_dict,
+    to_json,
+)
+from jaxdist.config.sections import (
+    ALIASES,
     CheckpointConfig,
     Config,
     EarlyStoppingConfig,
@@ -17,16 +26,6 @@ from jaxdist.config.sections import (
     OptimizerConfig,
     ParallelConfig,
     TrainConfig,
-    apply_overrides,
-    check_allowed_changes,
-    describe_keys,
-    flatten,
-    from_dict,
-    leaf_keys,
-    parse_value,
-    resume_conflicts,
-    to_dict,
-    to_json,
 )
 
 __all__ = [

@@ -161,83 +161,31 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
     optimizer state (`tx` must then sum its global quantities over the devices:
     `build_optimizer(..., across=AXIS)`). Compile the step with the layout's `sharded` tree.
     """
-    strategy = strategy or Strategy()
-    o = options
-    accumulating = o.grad_accum > 1
-    loss = strategy.loss(loss_fn if has_state else stateful(loss_fn), by_model=o.gathers_params)
+    return TrainStep(loss_fn if has_state else stateful(loss_fn), tx, strategy or Strategy(),
+                     options, has_state)
 
-    def weighted_loss_sum(params, model_state, batch, rng, scale=None):
-        losses, aux, new_state = loss(params, model_state, batch, rng)
-        sums = _weighted_sums(losses, aux, batch["weight"])
-        if has_state:
-            require_same_on_every_device(new_state, "model_state")
-            # One scalar psum: a batch that is all padding on every device changes nothing.
-            seen = strategy.total(sums[WEIGHT_SUM]) > 0
-            new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
-                                     model_state)
-        total = sums[LOSS_SUM] if scale is None else sums[LOSS_SUM] * scale
-        return total, (sums, new_state)
 
-    grad_fn = jax.grad(weighted_loss_sum, has_aux=True)
+class TrainStep:
+    """The step `make_train_step` builds, as a callable (its parts are the methods)."""
 
-    def micro_gradients(params, model_state, batch, rng, scale):
-        grads, aux = grad_fn(params, model_state, batch, rng, scale)
-        return strategy.micro_gradients(grads, accumulating), aux
+    def __init__(self, loss: StatefulLossFn, tx: optax.GradientTransformation,
+                 strategy: Strategy, options: StepOptions, has_state: bool):
+        self.loss = strategy.loss(loss, by_model=options.gathers_params)
+        self.tx, self.strategy, self.options, self.has_state = tx, strategy, options, has_state
+        self.accumulating = options.grad_accum > 1
+        self._grad = jax.grad(self._weighted_loss_sum, has_aux=True)
 
-    def local_gradients(params, model_state, batch, rng, scale):
-        """Gradient of this device's weighted loss sum, its metric sums, the model state."""
-        # Marked as differing across devices, the params' gradient is this device's own;
-        # the step's psum is then the one reduction, under shard_map as under pmap.
-        params = mark_varying(params)
-        if not accumulating:
-            grads, (sums, model_state) = micro_gradients(params, model_state, batch, rng,
-                                                         scale)
-            return grads, sums, model_state
-        micro = jax.tree.map(lambda x: x.reshape(o.grad_accum, -1, *x.shape[1:]), batch)
-
-        def accumulate(carry, inputs):
-            grads, sums, model_state = carry
-            index, micro_batch = inputs
-            g, (s, model_state) = micro_gradients(params, model_state, micro_batch,
-                                                  jax.random.fold_in(rng, index), scale)
-            return (mark_varying(jax.tree.map(jnp.add, grads, g)),
-                    mark_varying(jax.tree.map(jnp.add, sums, s)), model_state), None
-
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            micro_gradients, params, model_state, jax.tree.map(lambda x: x[0], micro), rng,
-            scale))
-        carry = (mark_varying(zeros[0]), mark_varying(zeros[1][0]), model_state)
-        (grads, sums, model_state), _ = jax.lax.scan(
-            accumulate, carry, (jnp.arange(o.grad_accum), micro))
-        return grads, sums, model_state
-
-    def reduced_gradients(params, model_state, batch, rng):
-        """The gradient (whole, or this device's chunk of it), the metric sums, model state."""
-        # Under `sum`, each device's gradient is of its own mean loss. Split, scaling the
-        # differentiated loss by 1 / (its weight) makes the reduction the plain sum;
-        # whole, each device divides its gradient before the all-reduce.
-        scale = None
-        if o.grad_reduce == "sum" and strategy.splits:
-            scale = 1.0 / _nonzero(jnp.sum(batch["weight"].astype(jnp.float32)))
-        grads, local, model_state = local_gradients(params, model_state, batch, rng, scale)
-        # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
-        # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
-        totals = strategy.total(local)
-        if o.grad_reduce == "sum" and not strategy.splits:
-            grads = jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grads)
-        grads = strategy.reduce(grads, accumulating)
-        if o.grad_reduce == "mean":
-            grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]), grads)
-        return grads, totals, model_state
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def __call__(self, state: TrainState, batch: Batch
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update of `state` from this device's `batch`; the metrics summed over devices."""
+        o, strategy = self.options, self.strategy
         rng = device_rng(state.rng, state.step)
-        grads, totals, model_state = reduced_gradients(state.params, state.model_state,
-                                                       batch, rng)
+        grads, totals, model_state = self._reduced_gradients(state.params, state.model_state,
+                                                             batch, rng)
         own = strategy.own(state.params)
 
         def update(model_state):
-            updates, opt_state = tx.update(grads, state.opt_state, own)
+            updates, opt_state = self.tx.update(grads, state.opt_state, own)
             return strategy.apply(own, updates), opt_state, model_state
 
         finite = strategy.all_finite((totals[LOSS_SUM], grads))
@@ -258,7 +206,70 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
                                rng=state.rng, model_state=model_state)
         return new_state, totals
 
-    return train_step
+    def _weighted_loss_sum(self, params, model_state, batch, rng, scale=None):
+        losses, aux, new_state = self.loss(params, model_state, batch, rng)
+        sums = _weighted_sums(losses, aux, batch["weight"])
+        if self.has_state:
+            require_same_on_every_device(new_state, "model_state")
+            # One scalar psum: a batch that is all padding on every device changes nothing.
+            seen = self.strategy.total(sums[WEIGHT_SUM]) > 0
+            new_state = jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state,
+                                     model_state)
+        total = sums[LOSS_SUM] if scale is None else sums[LOSS_SUM] * scale
+        return total, (sums, new_state)
+
+    def _micro_gradients(self, params, model_state, batch, rng, scale):
+        grads, aux = self._grad(params, model_state, batch, rng, scale)
+        return self.strategy.micro_gradients(grads, self.accumulating), aux
+
+    def _local_gradients(self, params, model_state, batch, rng, scale):
+        """Gradient of this device's weighted loss sum, its metric sums, the model state."""
+        # Marked as differing across devices, the params' gradient is this device's own;
+        # the step's psum is then the one reduction, under shard_map as under pmap.
+        params = mark_varying(params)
+        if not self.accumulating:
+            grads, (sums, model_state) = self._micro_gradients(params, model_state, batch,
+                                                               rng, scale)
+            return grads, sums, model_state
+        steps = self.options.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            grads, sums, model_state = carry
+            index, micro_batch = inputs
+            g, (s, model_state) = self._micro_gradients(params, model_state, micro_batch,
+                                                        jax.random.fold_in(rng, index), scale)
+            return (mark_varying(jax.tree.map(jnp.add, grads, g)),
+                    mark_varying(jax.tree.map(jnp.add, sums, s)), model_state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            self._micro_gradients, params, model_state, jax.tree.map(lambda x: x[0], micro),
+            rng, scale))
+        carry = (mark_varying(zeros[0]), mark_varying(zeros[1][0]), model_state)
+        (grads, sums, model_state), _ = jax.lax.scan(
+            accumulate, carry, (jnp.arange(steps), micro))
+        return grads, sums, model_state
+
+    def _reduced_gradients(self, params, model_state, batch, rng):
+        """The gradient (whole, or this device's chunk of it), the metric sums, model state."""
+        o, strategy = self.options, self.strategy
+        # Under `sum`, each device's gradient is of its own mean loss. Split, scaling the
+        # differentiated loss by 1 / (its weight) makes the reduction the plain sum;
+        # whole, each device divides its gradient before the all-reduce.
+        scale = None
+        if o.grad_reduce == "sum" and strategy.splits:
+            scale = 1.0 / _nonzero(jnp.sum(batch["weight"].astype(jnp.float32)))
+        grads, local, model_state = self._local_gradients(params, model_state, batch, rng,
+                                                          scale)
+        # Two separate psums: one all-reduce mixing the gradients with the scalar metrics
+        # measured about 7% slower on 8 CPU devices (scripts/bench_step.py).
+        totals = strategy.total(local)
+        if o.grad_reduce == "sum" and not strategy.splits:
+            grads = jax.tree.map(lambda g: g / _nonzero(local[WEIGHT_SUM]), grads)
+        grads = strategy.reduce(grads, self.accumulating)
+        if o.grad_reduce == "mean":
+            grads = jax.tree.map(lambda g: g / _nonzero(totals[WEIGHT_SUM]), grads)
+        return grads, totals, model_state
 
 
 def make_eval_step(eval_fn: EvalFn | StatefulEvalFn, strategy: Strategy | None = None,
