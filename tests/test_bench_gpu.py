@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from test_cli import run_cli
+
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
 RUN = ["linear_regression", "train.log_every=50", "train.eval_every=0"]
 

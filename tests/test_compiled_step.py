@@ -19,6 +19,8 @@ from jaxdist.loop.compiled import collectives, host_round_trips, lower_train_ste
 from jaxdist.loop.start import train_step_fn
 from jaxdist.step.steps import NONFINITE
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 SMALL = {
     "gpt_lm": ["train.batch_size=16", "data.max_bytes=100000"],
     "digits_cnn": ["train.batch_size=64"],

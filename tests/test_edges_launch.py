@@ -16,8 +16,8 @@ from tests.toy import wait_for_file
 ROOT = Path(__file__).resolve().parent.parent
 LINEAR = ["linear_regression", "train.batch_size=64", "train.log_every=5", "train.eval_every=10"]
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                                reason="reads processes from /proc (Linux)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").exists(),
+                                reason="reads processes from /proc (Linux)")]
 
 
 def stat_fields(pid):

@@ -16,6 +16,8 @@ import pytest
 from jaxdist.launch import free_port
 from tests.toy import wait_for_file
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 LINEAR = ["linear_regression", "optimizer.name=adam", "train.batch_size=64",
           "train.log_every=5"]

@@ -99,6 +99,7 @@ def test_reading_a_truncated_file_in_a_fresh_process_exits_cleanly(tmp_path):
     assert "was truncated while training" in result.stdout
 
 
+@pytest.mark.slow  # trains a model end to end
 def test_gpt_lm_whose_token_file_is_truncated_while_training_stops_in_one_line(tmp_path):
     path = tmp_path / "tokens.bin"
     subprocess.run([sys.executable, str(SCRIPT), str(path), "--tokens", "2000000", "--vocab",

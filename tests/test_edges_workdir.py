@@ -15,6 +15,8 @@ from jaxdist.base.errors import UserError
 from jaxdist.loop.restore import restore_run
 from tests.toy import mlp_experiment, toy_config, wait_for_file
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_FILE = '''
 """linear_regression, from a file of the user's own."""

@@ -6,6 +6,8 @@ import pytest
 from jaxdist import fit
 from jaxdist.loop.discovery import list_experiments, load_experiment
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 EXPERIMENTS = sorted(list_experiments())
 
 

@@ -13,6 +13,8 @@ from experiments import linear_regression
 from jaxdist import fit, load, make_backend
 from jaxdist.explain import Method, explain, mean_features
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -19,6 +19,8 @@ from jaxdist.base.errors import UserError
 from jaxdist.loop.metrics import MetricsLogger
 from tests.toy import make_data, mlp_experiment, toy_config
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -19,6 +19,8 @@ from jaxdist.config import apply_overrides
 from jaxdist.models.gpt import GPT, SIZES, check_attention
 from jaxdist.step.losses import chunked_cross_entropy, cross_entropy
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 FAST = ["data.max_bytes=20000"]
 
 

@@ -16,6 +16,8 @@ from jaxdist.launch import free_port
 from tests.id_experiment import SIZE
 from tests.toy import wait_for_file
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 ID_EXPERIMENT = str(ROOT / "tests" / "id_experiment.py")
 LINEAR = ["linear_regression", "train.batch_size=64", "train.log_every=5", "train.eval_every=10"]

@@ -40,6 +40,7 @@ def heavy_op_operand_types(module, config):
             for m in HEAVY_OPS.finditer(text)]
 
 
+@pytest.mark.slow  # trains a model end to end
 @pytest.mark.parametrize("module", [cifar_resnet, gpt_lm], ids=["cifar_resnet", "gpt_lm"])
 def test_bf16_runs_every_convolution_and_matmul_in_bf16(module):
     tiny = module.tiny_config()

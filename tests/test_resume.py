@@ -19,6 +19,8 @@ from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.step.steps import NONFINITE, TrainState
 from tests.toy import make_data, mlp_experiment, toy_config, wait_for_file
 
+pytestmark = pytest.mark.slow  # starts processes or trains end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

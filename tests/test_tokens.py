@@ -183,6 +183,7 @@ def test_make_tokens_does_not_depend_on_its_chunk_size():
     assert len(whole) == 1000 and np.array_equal(whole, pieces)
 
 
+@pytest.mark.slow  # trains a model end to end
 def test_gpt_lm_trains_from_a_make_tokens_file(tmp_path):
     path = load_make_tokens().write_tokens(tmp_path / "tokens.bin", 60000, 64, "llmc", seed=0)
     config = apply_overrides(gpt_lm.tiny_config(), [f"data.tokens={path}",

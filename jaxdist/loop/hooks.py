@@ -11,7 +11,7 @@ to the host, after a train point or an evaluation was logged, and on stop. A hoo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -81,7 +81,6 @@ class Run:
     ending: bool = False  # past the last step: the final evaluation and save
     signal_requested: Callable[[], str | None] = lambda: None  # this process's signal
     loader_state: Callable[[], dict[str, int]] = dict  # the loader's position now
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def fire(self, moment: str, *args: Any) -> None:
         """Call `moment` (e.g. "after_step") of every hook, in order."""
