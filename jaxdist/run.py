@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-# What a collective reports when a peer process vanished under it.
+# What a collective reports when a peer process vanished under it (gloo's and gRPC's
+# words: jaxlib raises the same XlaRuntimeError type for every failure of a collective).
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Connection refused",
              "Socket closed", "Broken pipe", "another task died", "Read error", "Write error")
 

@@ -32,6 +32,8 @@ def disk_error(error: BaseException) -> str | None:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in DISK_ERRORS:
             return DISK_ERRORS[error.errno]
+        # orbax and tensorstore re-raise an OSError as a ValueError (or their own type)
+        # whose text alone keeps the system's words for it.
         text = str(error)
         for code, words in DISK_ERRORS.items():
             if os.strerror(code) in text:
