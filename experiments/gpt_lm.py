@@ -44,7 +44,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -194,15 +193,13 @@ def build(config: Config) -> Experiment:
         dummy = jnp.zeros((1, size.seq_len), jnp.int32)
         return model.init(rng, dummy, train=False)["params"]
 
-    like = jax.eval_shape(init_params, jax.random.key(0))
-
     def outside_blocks_whole(params):
         """The params with every leaf outside the blocks whole (gathered, if in chunks).
 
         Under parallel.shard=params the blocks gather their own weights, one block at a
         time (jaxdist.models.gpt); the embeddings and the final LayerNorm are gathered here.
         """
-        return {name: tree if name.startswith("block") else gather_where_used(tree, like[name])
+        return {name: tree if name.startswith("block") else gather_where_used(tree)
                 for name, tree in params.items()}
 
     def loss_fn(params, batch, rng):

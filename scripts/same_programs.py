@@ -4,7 +4,7 @@ Run it in two checkouts and compare the lines: the same fingerprint means XLA co
 the very same program (the optimized HLO, its source-location metadata left out), so a
 change of the code around the step changed no number. Run:
 
-    python scripts/same_programs.py > new.txt
+    python scripts/same_programs.py [EXPERIMENT ...] > new.txt
     (cd OLD_CHECKOUT && PYTHONPATH=. python /path/to/scripts/same_programs.py) > old.txt
     diff old.txt new.txt
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -46,7 +47,10 @@ def fingerprint(hlo: str) -> str:
 
 def main() -> None:
     """Print one line per experiment and setting: its name, overrides and fingerprint."""
+    chosen = sys.argv[1:] or list(EXPERIMENTS)
     for name, base in EXPERIMENTS.items():
+        if name not in chosen:
+            continue
         for setting in SETTINGS:
             if name == "linear_regression" and "train.grad_accum=2" in setting:
                 continue  # full-batch: no micro-batches

@@ -85,20 +85,17 @@ def check_attention(attention: str, dtype: Any, platform: str | None = None) -> 
                         f"model.attention=xla")
 
 
-def block_class(remat: str, like: Any = None) -> type[nn.Module]:
+def block_class(remat: str) -> type[nn.Module]:
     """`Block`, or `Block` recomputed in the backward pass for `model.remat`.
 
     `block` recomputes all of it; `dots` keeps the outputs of the matmuls without batch
-    dimensions (the Dense layers) and recomputes the rest. With `like` (a block's params, as
-    shapes), the block gathers its params where it uses them when they come as chunks
-    (`parallel.shard=params`, `jaxdist.parallel.layout.gather_where_used`), inside the remat.
+    dimensions (the Dense layers) and recomputes the rest. The block gathers its params
+    where it uses them when they come as chunks (`parallel.shard=params`,
+    `jaxdist.parallel.layout.gather_where_used`), inside the remat.
     """
-    block = Block
-    if like is not None:
-        block = nn.map_variables(
-            Block, "params", init=True,
-            trans_in_fn=lambda variables: {"params": gather_where_used(variables["params"],
-                                                                      like)})
+    block = nn.map_variables(
+        Block, "params", init=True,
+        trans_in_fn=lambda variables: {"params": gather_where_used(variables["params"])})
     if remat == "none":
         return block
     if remat == "block":
@@ -147,9 +144,7 @@ class GPT(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         settings = (self.size.width, self.size.heads, self.dropout, self.dtype,
                     self.attention)
-        like = jax.eval_shape(lambda: Block(*settings).init(
-            jax.random.key(0), jnp.zeros((1, 1, self.size.width), self.dtype), False))
-        block = block_class(self.remat, like["params"])
+        block = block_class(self.remat)
         for i in range(self.size.layers):
             x = block(*settings, name=f"block{i}")(x, train)
         hidden = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)

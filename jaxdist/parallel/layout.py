@@ -292,11 +292,7 @@ class StateLayout:
             return loss(self.gathered(chunks), *args)
 
         def with_chunks(chunks, *args):
-            _CHUNKS_OVER.append(self.devices)
-            try:
-                return loss(chunks, *args)
-            finally:
-                _CHUNKS_OVER.pop()
+            return loss(jax.tree.map(Chunk, chunks, self.param_chunks), *args)
 
         return with_chunks if by_model else with_gathered
 
@@ -335,24 +331,40 @@ def _split(x: jax.Array, widths: list[int], axis: int = 0) -> list[jax.Array]:
             for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-_CHUNKS_OVER: list[int] = []  # the device count, while a loss is traced on chunks
+@jax.tree_util.register_pytree_node_class
+class Chunk:
+    """A device's chunk of one parameter, and how its whole leaf is cut.
+
+    What a loss of `Experiment.gathers_params=True` gets for each parameter under
+    `parallel.shard=params`; `gather_where_used` makes it whole. A pytree node (its array
+    the one child, the cut static), so it passes through `jax.grad`, `nn.remat` and
+    flax's variable transforms like the array it holds.
+    """
+
+    def __init__(self, data: jax.Array, cut: Chunks):
+        self.data, self.cut = data, cut
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array], Chunks]:
+        """The array is the child; the cut rides as static data."""
+        return (self.data,), self.cut
+
+    @classmethod
+    def tree_unflatten(cls, cut: Chunks, children: tuple[jax.Array]) -> Chunk:
+        """Rebuild from `tree_flatten`'s parts."""
+        return cls(children[0], cut)
 
 
-def gather_where_used(tree: PyTree, like: PyTree) -> PyTree:
+def gather_where_used(tree: PyTree) -> PyTree:
     """Whole parameters from this device's chunks, for a model that gathers layer by layer.
 
     Inside a step with `parallel.shard=params` of an experiment with `gathers_params=True`,
-    the loss function gets each parameter as this device's chunk; a layer calls this on
-    its own parameters where it uses them. `like` has the whole leaves (arrays or
-    `jax.ShapeDtypeStruct`s) in the same structure. Anywhere else `tree` is returned as it
-    is, so the same model code serves every `parallel.shard`. Call it inside the layer's
-    `nn.remat` for the backward pass to gather again rather than keep the whole weights.
+    the loss function gets each parameter as a `Chunk`; a layer calls this on its own
+    parameters where it uses them. Any other leaf is returned as it is, so the same model
+    code serves every `parallel.shard`. Call it inside the layer's `nn.remat` for the
+    backward pass to gather again rather than keep the whole weights.
     """
-    if not _CHUNKS_OVER:
-        return tree
-    devices = _CHUNKS_OVER[-1]
-    return jax.tree.map(lambda x, whole: Chunks.of(np.shape(whole), devices).gather(x),
-                        tree, like)
+    return jax.tree.map(lambda x: x.cut.gather(x.data) if isinstance(x, Chunk) else x, tree,
+                        is_leaf=lambda x: isinstance(x, Chunk))
 
 
 def _follows_params(tx: Any, params: PyTree, backend: Backend) -> PyTree:

@@ -71,8 +71,9 @@ class Experiment:
       builds it to compute in bfloat16 from float32 params (flax: `dtype=jnp.bfloat16`, see
       `jaxdist.step.precision`), leaving targets, losses and metrics in float32, and says so
       here. An experiment that ignores `train.precision` keeps "fp32" and refuses "bf16".
-    - `gathers_params`: under `parallel.shard=params`, the loss and eval functions get this
-      device's chunk of every parameter and gather each layer's where it is used, with
+    - `gathers_params`: under `parallel.shard=params`, the loss and eval functions get every
+      parameter as this device's chunk (a `jaxdist.parallel.layout.Chunk`, which knows its
+      cut) and gather each layer's where it is used, with
       `jaxdist.parallel.layout.gather_where_used` (inside `nn.remat`, so that the backward pass
       gathers again and at most one layer's weights are whole). False (the default): the
       step gathers them all before calling them.
