@@ -53,7 +53,7 @@ from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
 from jaxdist.data.tokens import describe_split, token_windows
 from jaxdist.models.gpt import GPT, SIZES, check_attention
-from jaxdist.parallel.layout import gather_where_used
+from jaxdist.parallel.chunks import gather_where_used
 from jaxdist.step.losses import chunked_cross_entropy, cross_entropy
 from jaxdist.step.precision import compute_dtype
 

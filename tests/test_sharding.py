@@ -24,7 +24,8 @@ from jaxdist.loop.fit import fit
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.backends import make_backend
-from jaxdist.parallel.layout import SHARDS, Chunks, StateLayout
+from jaxdist.parallel.chunks import Chunks
+from jaxdist.parallel.layout import SHARDS, StateLayout
 from jaxdist.step.optimizers import build_optimizer, clip_by_global_norm, scale_by_trust_ratio
 from jaxdist.step.steps import TrainState
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdist.parallel.backend import leaf_dtype
-from jaxdist.parallel.layout import Chunks
+from jaxdist.parallel.chunks import Chunks
 from jaxdist.parallel.processes import barrier_timeout
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdist.base.errors import UserError, choose_one_of
-from jaxdist.parallel.layout import gather_where_used
+from jaxdist.parallel.chunks import gather_where_used
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def block_class(remat: str) -> type[nn.Module]:
     `block` recomputes all of it; `dots` keeps the outputs of the matmuls without batch
     dimensions (the Dense layers) and recomputes the rest. The block gathers its params
     where it uses them when they come as chunks (`parallel.shard=params`,
-    `jaxdist.parallel.layout.gather_where_used`), inside the remat.
+    `jaxdist.parallel.chunks.gather_where_used`), inside the remat.
     """
     block = nn.map_variables(
         Block, "params", init=True,

@@ -72,9 +72,9 @@ class Experiment:
       `jaxdist.step.precision`), leaving targets, losses and metrics in float32, and says so
       here. An experiment that ignores `train.precision` keeps "fp32" and refuses "bf16".
     - `gathers_params`: under `parallel.shard=params`, the loss and eval functions get every
-      parameter as this device's chunk (a `jaxdist.parallel.layout.Chunk`, which knows its
+      parameter as this device's chunk (a `jaxdist.parallel.chunks.Chunk`, which knows its
       cut) and gather each layer's where it is used, with
-      `jaxdist.parallel.layout.gather_where_used` (inside `nn.remat`, so that the backward pass
+      `jaxdist.parallel.chunks.gather_where_used` (inside `nn.remat`, so that the backward pass
       gathers again and at most one layer's weights are whole). False (the default): the
       step gathers them all before calling them.
     """

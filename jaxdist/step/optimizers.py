@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdist.config import Config, OptimizerConfig
-from jaxdist.parallel.layout import Chunks
+from jaxdist.parallel.chunks import Chunks
 
 
 def fix_schedule_horizon(config: Config, saved: Mapping[str, Any] | None = None) -> Config:
