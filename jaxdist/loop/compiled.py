@@ -112,8 +112,7 @@ def lower_train_step(experiment: Experiment, config: Config) -> tuple[Any, Start
     backend, layout = start.backend, start.layout
     sharded = layout.sharded_or_none
     step = backend.compile(start.train_step, traced=True, sharded=sharded)
-    state = (backend.placed_shapes(layout.split_shapes(start.host_state), sharded)
-             if sharded is not None else backend.replicated_shapes(start.host_state))
+    state = backend.placed_shapes(layout.split_shapes(start.host_state), sharded)
     return step.lower(state, backend.batch_shapes(start.loader.peek())), start
 
 
@@ -141,8 +140,7 @@ def lower_abstract_train_step(experiment: Experiment, config: Config) -> tuple[A
                            step_options(experiment, config), has_state=experiment.has_state)
     sharded = layout.sharded_or_none
     compiled = backend.compile(step, traced=True, sharded=sharded)
-    shapes = (backend.placed_shapes(layout.split_shapes(state), sharded)
-              if sharded is not None else backend.replicated_shapes(state))
+    shapes = backend.placed_shapes(layout.split_shapes(state), sharded)
     batch = training_loader(experiment.train_data, config, backend.num_devices,
                             experiment.train_transform).peek()
     return compiled.lower(shapes, backend.batch_shapes(batch)), layout

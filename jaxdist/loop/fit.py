@@ -122,7 +122,7 @@ def fit(experiment: Experiment, config: Config, workdir: Path | None = None,
 
 def _resume_name(start: Start) -> str:
     """What this process resumes: a checkpoint and its manifest's sha256, or nothing."""
-    if start.resumed_meta is None:
+    if start.resumed is None:
         return "nothing"
     path = start.store.path(start.step)
     return f"{path.name} (manifest sha256 {sha256_file(path / MANIFEST)[:16]})"
@@ -131,7 +131,8 @@ def _resume_name(start: Start) -> str:
 def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
            stream: TextIO | None) -> TrainResult:
     """Run the loop from `start` to the end, an early stop, or a signal."""
-    config, backend, layout, meta = start.config, start.backend, start.layout, start.resumed_meta
+    config, backend, layout = start.config, start.backend, start.layout
+    meta = None if start.resumed is None else start.resumed.meta
     logger = _open_logger(experiment, start, stream)
     state = layout.to_devices(backend, start.host_state)
     if _finished(start, logger, experiment.eval_data is not None):
@@ -199,7 +200,7 @@ def _open_logger(experiment: Experiment, start: Start, stream: TextIO | None) ->
     logger.resume_at(start.step)
     if start.removed:
         logger.say(f"--restart removed {', '.join(start.removed)} from {workdir}")
-    if start.resumed_meta is not None:
+    if start.resumed is not None:
         logger.say(f"resumed from {start.checkpoint}")
     if workdir is not None:
         barrier("resume-read")  # every process has read config.json before it is replaced
@@ -212,7 +213,7 @@ def _open_logger(experiment: Experiment, start: Start, stream: TextIO | None) ->
 
 def _finished(start: Start, logger: MetricsLogger, has_eval: bool) -> bool:
     """Whether the checkpoint resumed from ends the run (its lost eval line logged again)."""
-    meta = start.resumed_meta
+    meta = None if start.resumed is None else start.resumed.meta
     if meta is None or not (meta.stop_reason == "early_stopped" or (
             start.step >= start.config.train.steps and meta.stop_reason == "completed"
             and (meta.eval is not None or not has_eval))):

@@ -46,6 +46,15 @@ class SavedRun:
     meta: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint a run resumes from: its step, its meta and its folder."""
+
+    step: int
+    meta: RunMeta
+    checkpoint: Path
+
+
 @dataclass
 class Start:
     """Everything decided before the first step."""
@@ -59,9 +68,7 @@ class Start:
     # the leaves a checkpoint held split, which come back split on the devices.
     host_state: TrainState
     layout: StateLayout  # how the state is split over the devices (parallel.shard)
-    step: int = 0
-    resumed_meta: RunMeta | None = None
-    checkpoint: Path | None = None  # the checkpoint resumed from
+    resumed: Resumed | None = None  # None for a fresh run
     # The per-device steps, built once and traced (so checked) by `prepare_run`.
     train_step: Callable | None = None
     eval_step: Callable | None = None
@@ -69,6 +76,16 @@ class Start:
     store: CheckpointStore | None = None
     lock: WorkdirLock | None = None
     removed: list[str] = field(default_factory=list)  # what --restart removed
+
+    @property
+    def step(self) -> int:
+        """The step the run starts at: the resumed checkpoint's, or 0."""
+        return 0 if self.resumed is None else self.resumed.step
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint resumed from, if any."""
+        return None if self.resumed is None else self.resumed.checkpoint
 
 
 def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, start_over: bool,
@@ -249,7 +266,7 @@ def _check_saved(start: Start, saved: SavedRun, allow_changes: Sequence[str]) ->
         saved.step, start.host_state, saved.meta,
         placed=start.layout.restore_targets(start.backend))
     start.loader.restore(resumed.loader)  # the hooks' parts are theirs (fit)
-    start.step, start.resumed_meta, start.checkpoint = saved.step, resumed, where
+    start.resumed = Resumed(saved.step, resumed, where)
 
 
 def _check_resumable(start: Start, meta: RunMeta, where: Path) -> None:
