@@ -119,6 +119,11 @@ def step_specs(sharded: PyTree, returns_state: bool) -> tuple[Any, Any]:
     return (specs, P(AXIS)), ((specs, P()) if returns_state else P())
 
 
+def unsplit(tree: PyTree, sharded: PyTree) -> PyTree:
+    """`sharded`, or (where it is None) a tree of False over `tree`: nothing split."""
+    return jax.tree.map(lambda _: False, tree) if sharded is None else sharded
+
+
 def split_leading_axis(x: np.ndarray, parts: int) -> np.ndarray:
     """Reshape `[B, ...]` to `[parts, B / parts, ...]`."""
     if x.shape[0] % parts:
@@ -183,12 +188,11 @@ class Backend:
         """The inverse of `split_to_global`: a global `[devices * chunk]` as `place` lays it."""
         raise NotImplementedError
 
-    def replicated_shapes(self, tree: PyTree) -> PyTree:
-        """What `replicate(tree)` would give, as shapes with shardings (nothing is placed)."""
-        raise NotImplementedError
+    def placed_shapes(self, tree: PyTree, sharded: PyTree = None) -> PyTree:
+        """What `place(tree, sharded)` would give, as shapes with shardings.
 
-    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """What `place(tree, sharded)` would give, as shapes with shardings."""
+        Without `sharded`, what `replicate(tree)` would give.
+        """
         raise NotImplementedError
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
@@ -255,11 +259,16 @@ class Backend:
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Return each device's own copy of a replicated tree, as numpy (for checks)."""
-        raise NotImplementedError
+        return [jax.tree.map(lambda x, i=i: self._copy(x, x.addressable_shards[i].data), tree)
+                for i in range(self.num_devices)]
 
     def first_copy(self, tree: PyTree) -> PyTree:
         """Return one device's copy of a replicated tree as numpy, copying nothing else."""
-        raise NotImplementedError
+        return jax.tree.map(lambda x: self._copy(x, x.addressable_shards[0].data), tree)
+
+    def _copy(self, x: jax.Array, shard: jax.Array) -> np.ndarray:
+        """One device's `shard` of the replicated `x` as numpy, in a copy's shape."""
+        return np.asarray(shard).reshape(self.first_shard(x)[1])
 
     def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
         """The first device's buffer of a replicated array (still there), and a copy's shape."""

@@ -21,6 +21,7 @@ from jaxdist.parallel.backend import (
     all_rows,
     leaf_dtype,
     split_leading_axis,
+    unsplit,
 )
 
 
@@ -33,27 +34,25 @@ class PmapBackend(Backend):
         # pmap takes this process's values, one row per local device.
         return NamedSharding(self.local_mesh, P(AXIS))
 
+    def _copies(self, x: object) -> jax.Array:
+        """A host leaf stacked once per device along a new leading axis, copy i on device i."""
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (self.num_devices, *x.shape)), self._sharding())
+
     def replicate(self, tree: PyTree) -> PyTree:
         """Stack one copy per device along a new leading axis and place copy i on device i."""
-        n = self.num_devices
-        sharding = self._sharding()
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
-
-        return jax.tree.map(put, tree)
+        return jax.tree.map(self._copies, tree)
 
     def place(self, tree: PyTree, sharded: PyTree) -> PyTree:
         """A leading device axis: copies of a replicated leaf, this process's rows of a split."""
-        n, sharding, rows = self.num_devices, self._sharding(), self._local_positions()
+        rows = self._local_positions()
 
         def put(split, x):
-            if split and isinstance(x, jax.Array):
+            if not split:
+                return self._copies(x)
+            if isinstance(x, jax.Array):
                 return self.split_from_global(x)
-            x = np.asarray(x)
-            return jax.device_put(x[rows] if split else np.broadcast_to(x, (n, *x.shape)),
-                                  sharding)
+            return jax.device_put(np.asarray(x)[rows], self._sharding())
 
         return jax.tree.map(put, sharded, tree)
 
@@ -84,32 +83,26 @@ class PmapBackend(Backend):
         return jax.make_array_from_single_device_arrays((self.num_devices, chunk),
                                                         self._sharding(), rows)
 
-    def replicated_shapes(self, tree: PyTree) -> PyTree:
-        """A leading device axis, split over the devices."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *np.shape(x)), leaf_dtype(x),
-                                                           sharding=sharding), tree)
+    def _shape(self, shape: tuple[int, ...], x: object) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, leaf_dtype(x), sharding=self._sharding())
 
-    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+    def placed_shapes(self, tree: PyTree, sharded: PyTree = None) -> PyTree:
         """A leading device axis: this process's rows of a split leaf, copies of the others."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
-            (n, *np.shape(x)[1:]) if split else (n, *np.shape(x)), leaf_dtype(x),
-            sharding=sharding), sharded, tree)
+        n = self.num_devices
+        return jax.tree.map(lambda split, x: self._shape(
+            (n, *np.shape(x)[1:]) if split else (n, *np.shape(x)), x), unsplit(tree, sharded),
+            tree)
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
         """`[devices, B / devices, ...]`, split over the devices."""
-        n, sharding = self.num_devices, self._sharding()
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            (n, np.shape(x)[0] // n, *np.shape(x)[1:]), leaf_dtype(x), sharding=sharding), batch)
+        n = self.num_devices
+        return jax.tree.map(lambda x: self._shape((n, np.shape(x)[0] // n, *np.shape(x)[1:]), x),
+                            batch)
 
     def put_batch(self, batch: PyTree) -> PyTree:
         """Reshape each `[B, ...]` leaf to `[devices, B / devices, ...]` and place it."""
-        n = self.num_devices
-        sharding = self._sharding()
-
-        return jax.tree.map(
-            lambda x: jax.device_put(split_leading_axis(np.asarray(x), n), sharding), batch)
+        return jax.tree.map(lambda x: jax.device_put(
+            split_leading_axis(np.asarray(x), self.num_devices), self._sharding()), batch)
 
     def compile(self, step: StepFn, donate_state: bool = True,
                 traced: bool = False, sharded: PyTree = None) -> StepFn:
@@ -144,16 +137,6 @@ class PmapBackend(Backend):
     def examples_to_host(self, tree: PyTree) -> PyTree:
         """Merge the device axis into the example axis."""
         return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
-
-    def device_copies(self, tree: PyTree) -> list[PyTree]:
-        """Row i of every leaf is device i's copy."""
-        host = jax.device_get(tree)
-        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], host)
-                for i in range(self.num_devices)]
-
-    def first_copy(self, tree: PyTree) -> PyTree:
-        """Read only the first device's shard of every leaf."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
     def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
         """Device 0's row `[1, ...]` of the leading device axis; a copy is `x.shape[1:]`."""

@@ -23,6 +23,7 @@ from jaxdist.parallel.backend import (
     replicated_step,
     split_leading_axis,
     step_specs,
+    unsplit,
 )
 
 
@@ -85,19 +86,14 @@ class ShardMapBackend(Backend):
         """A split leaf already is the global `[devices * chunk]` array."""
         return x
 
-    def replicated_shapes(self, tree: PyTree) -> PyTree:
-        """The leaves' own shapes, replicated over the mesh."""
-        sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x),
-                                                           sharding=sharding), tree)
-
-    def placed_shapes(self, tree: PyTree, sharded: PyTree) -> PyTree:
+    def placed_shapes(self, tree: PyTree, sharded: PyTree = None) -> PyTree:
         """A split leaf `[devices, chunk]` as `[devices * chunk]` along `batch`; others whole."""
         split_sharding = NamedSharding(self.mesh, P(AXIS))
         replicated = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda split, x: jax.ShapeDtypeStruct(
             (int(np.prod(np.shape(x))),), leaf_dtype(x), sharding=split_sharding) if split else
-            jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x), sharding=replicated), sharded, tree)
+            jax.ShapeDtypeStruct(np.shape(x), leaf_dtype(x), sharding=replicated),
+            unsplit(tree, sharded), tree)
 
     def batch_shapes(self, batch: PyTree) -> PyTree:
         """The global batch (every process's slice), split along its first axis."""
@@ -141,15 +137,6 @@ class ShardMapBackend(Backend):
     def examples_to_host(self, tree: PyTree) -> PyTree:
         """The global arrays, read whole."""
         return jax.tree.map(np.asarray, tree)
-
-    def device_copies(self, tree: PyTree) -> list[PyTree]:
-        """Shard i of every replicated leaf is device i's copy."""
-        return [jax.tree.map(lambda x, i=i: np.asarray(x.addressable_shards[i].data), tree)
-                for i in range(self.num_devices)]
-
-    def first_copy(self, tree: PyTree) -> PyTree:
-        """Read only the first device's copy of every leaf."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
     def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
         """The first device's (whole) copy."""
