@@ -9,7 +9,7 @@ The programs, for each device count n:
 - `step`: the experiment's train step as `fit` runs it, on one batch already on the devices
   (the input pipeline is not timed);
 - `compute`: the same step with every cross-device `psum` replaced by the device's own value
-  (the `ComputeOnly` strategy), mapped with `jax.pmap`;
+  (the `ComputeOnly` strategy), compiled by the pmap backend without its replication check;
 - `allreduce`: a `psum` over n devices of a tree shaped and typed like the gradient (the
   params): the communication part of a step. It includes launching a program, much as a
   step's all-reduce includes waiting for the slowest device (with an empty program's time
@@ -97,7 +97,8 @@ class ComputeOnly(Strategy):
 
     Every cross-device sum is the device's own value, so the step computes what it does
     on one device's rows alone. Its outputs differ across devices, which `Backend.compile`
-    refuses: it is mapped with `jax.pmap` directly, and never trains.
+    refuses: it is compiled by the pmap backend with `traced=True` (no replication check),
+    and never trains.
     """
 
     def total(self, tree: Any) -> Any:
@@ -152,13 +153,13 @@ def step_programs(experiment: Experiment, config: Config, devices: int, global_b
     step = backend.compile(start.train_step, traced=True, sharded=layout.sharded_or_none)
     full = _step_program(step, layout.to_devices(backend, start.host_state),
                          backend.put_batch(host_batch))
-    # Outputs that differ across devices: pmap directly, not Backend.compile (which refuses).
+    # Outputs that differ across devices: the pmap backend without its replication check.
     # The compute is that of the unsplit step (parallel.shard only moves its collectives).
     tx = build_optimizer(c.optimizer, devices=len(backend.global_devices))
     local = make_train_step(experiment.loss_fn, tx, ComputeOnly(),
                             step_options(experiment, c), has_state=experiment.has_state)
     pmap_backend = PmapBackend(backend.devices)
-    mapped = jax.pmap(local, axis_name=AXIS, devices=backend.devices, donate_argnums=(0,))
+    mapped = pmap_backend.compile(local, traced=True)
     compute = _step_program(mapped, pmap_backend.replicate(start.host_state),
                             pmap_backend.put_batch(host_batch))
     return {"step": full, "compute": compute}, start.host_state.params
