@@ -234,6 +234,30 @@ class Backend:
             batch)
         return self._trace_global(step, state_shapes, batch_shapes, sharded, returns_state)
 
+    def checked_on_first_call(self, step: StepFn, mapped: StepFn, sharded: PyTree,
+                              returns_state: bool) -> StepFn:
+        """`mapped` (a compiled `step`), first tracing `step` under shard_map at its first call.
+
+        For a backend whose mapping does not refuse outputs that differ across devices:
+        the trace (no compute) does, on the shapes `global_shapes` gives of the arguments.
+        """
+        first_call = True
+
+        def run(state: PyTree, batch: PyTree) -> PyTree:
+            nonlocal first_call
+            if first_call:
+                self._trace_global(step, *self.global_shapes(state, batch, sharded), sharded,
+                                   returns_state)
+                first_call = False
+            return mapped(state, batch)
+
+        run.lower = mapped.lower  # type: ignore[attr-defined]
+        return run
+
+    def global_shapes(self, state: PyTree, batch: PyTree, sharded: PyTree) -> tuple[PyTree, PyTree]:
+        """The shapes shard_map sees of placed arguments `(state, batch)` of this backend."""
+        raise NotImplementedError
+
     def _trace_global(self, step: StepFn, state: PyTree, batch: PyTree,
                       sharded: PyTree = None, returns_state: bool = True) -> PyTree:
         in_specs, out_specs = step_specs(sharded, returns_state)

@@ -114,21 +114,8 @@ class PmapBackend(Backend):
         """
         mapped = jax.pmap(step, axis_name=AXIS, devices=self.global_devices,
                           donate_argnums=(0,) if donate_state else ())
-        if traced:
-            return mapped
-        first_call = True
-
-        def run(state: PyTree, batch: PyTree) -> PyTree:
-            nonlocal first_call
-            if first_call:
-                processes = len(self.global_devices) // self.num_devices
-                self._trace_global(step, *per_device_shapes(state, batch, processes,
-                                                             sharded), sharded, donate_state)
-                first_call = False
-            return mapped(state, batch)
-
-        run.lower = mapped.lower  # type: ignore[attr-defined]
-        return run
+        return mapped if traced else self.checked_on_first_call(step, mapped, sharded,
+                                                                donate_state)
 
     def compile_per_example(self, fn: StepFn) -> StepFn:
         """`jax.pmap`: each device's outputs come back as row i of a leading device axis."""
@@ -138,26 +125,22 @@ class PmapBackend(Backend):
         """Merge the device axis into the example axis."""
         return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
 
+    def global_shapes(self, state: PyTree, batch: PyTree, sharded: PyTree) -> tuple[PyTree, PyTree]:
+        """What shard_map sees of pmap's arguments: one state copy, the global batch.
+
+        A split leaf of the state, rows `[local devices, chunk]`, is seen whole:
+        `[devices * chunk]`.
+        """
+        processes = len(self.global_devices) // self.num_devices
+
+        def whole(x):
+            return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
+                                        x.dtype)
+
+        return (jax.tree.map(lambda split, x: whole(x) if split else jax.ShapeDtypeStruct(
+            x.shape[1:], x.dtype), unsplit(state, sharded), state), jax.tree.map(whole, batch))
+
     def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
         """Device 0's row `[1, ...]` of the leading device axis; a copy is `x.shape[1:]`."""
         return x.addressable_shards[0].data, x.shape[1:]
 
-
-def per_device_shapes(state: PyTree, batch: PyTree, processes: int,
-                       sharded: PyTree = None) -> tuple[PyTree, PyTree]:
-    """The shapes shard_map sees for pmap's arguments: one state copy, the whole batch.
-
-    A split leaf of the state (`sharded`), rows `[local devices, chunk]`, is seen whole:
-    `[devices * chunk]`.
-    """
-    def one_copy(x):
-        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-
-    def whole(x):
-        return jax.ShapeDtypeStruct((x.shape[0] * x.shape[1] * processes, *x.shape[2:]),
-                                    x.dtype)
-
-    if sharded is None:
-        return jax.tree.map(one_copy, state), jax.tree.map(whole, batch)
-    return (jax.tree.map(lambda split, x: whole(x) if split else one_copy(x), sharded, state),
-            jax.tree.map(whole, batch))
