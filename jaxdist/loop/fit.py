@@ -131,8 +131,7 @@ def _resume_name(start: Start) -> str:
 def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
            stream: TextIO | None) -> TrainResult:
     """Run the loop from `start` to the end, an early stop, or a signal."""
-    config, backend, layout = start.config, start.backend, start.layout
-    meta = None if start.resumed is None else start.resumed.meta
+    config, backend, layout, meta = start.config, start.backend, start.layout, start.resumed_meta
     logger = _open_logger(experiment, start, stream)
     state = layout.to_devices(backend, start.host_state)
     if _finished(start, logger, experiment.eval_data is not None):
@@ -213,7 +212,7 @@ def _open_logger(experiment: Experiment, start: Start, stream: TextIO | None) ->
 
 def _finished(start: Start, logger: MetricsLogger, has_eval: bool) -> bool:
     """Whether the checkpoint resumed from ends the run (its lost eval line logged again)."""
-    meta = None if start.resumed is None else start.resumed.meta
+    meta = start.resumed_meta
     if meta is None or not (meta.stop_reason == "early_stopped" or (
             start.step >= start.config.train.steps and meta.stop_reason == "completed"
             and (meta.eval is not None or not has_eval))):

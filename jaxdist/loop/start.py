@@ -83,6 +83,11 @@ class Start:
         return 0 if self.resumed is None else self.resumed.step
 
     @property
+    def resumed_meta(self) -> RunMeta | None:
+        """The meta of the checkpoint resumed from, if any."""
+        return None if self.resumed is None else self.resumed.meta
+
+    @property
     def checkpoint(self) -> Path | None:
         """The checkpoint resumed from, if any."""
         return None if self.resumed is None else self.resumed.checkpoint
