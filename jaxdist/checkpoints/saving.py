@@ -4,8 +4,8 @@ A save has two parts. Copying the state from the devices to host memory must hap
 the next step (whose donated buffers replace it); it is quick (orbax copies the leaves that
 stay split over the devices, each process its own chunks, before `begin` returns). Writing
 it with orbax, hashing every file for the manifest and renaming the folder into place takes
-seconds for a large model (3.3 s for GPT-2 124M's 1.4 GiB of AdamW state on the 2-core
-CPU this project is tested on), and with `checkpoint.background=true` it runs in a thread
+seconds for a large model (the README's Performance section has the figures), and with
+`checkpoint.background=true` it runs in a thread
 while training goes on. The checkpoint is the same either way: the thread writes the copy
 taken at the step, through the same atomic tmp-folder-then-rename commit and manifest.
 

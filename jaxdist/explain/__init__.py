@@ -188,8 +188,8 @@ def _weighted_sum(fn: Callable, points: np.ndarray, weights: np.ndarray,
                   chunk: int) -> jax.Array:
     """`sum_k weights[k] * fn(points[k])`, `fn` vmapped over `chunk` points at a time.
 
-    The chunks are unrolled, not looped: on XLA:CPU a `lax.scan` over chunks ran the digits
-    CNN's integrated gradients 2.4x slower than unrolled ones (scripts/bench_explain.py).
+    The chunks are unrolled, not looped: on XLA:CPU a `lax.scan` over chunks was slower (the
+    README's explain section gives the figure).
     """
     total = None
     for start in range(0, len(points), chunk):

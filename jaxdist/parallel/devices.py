@@ -18,8 +18,8 @@ def devices_ready() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-# Enough to rehearse a large slice on one CPU; each fake device costs the host memory and
-# start-up time (4096 took 12.7 s and 0.6 GB just to be set up on the 2-core test machine).
+# Enough to rehearse a large slice on one CPU; each fake device costs host memory and
+# start-up time, growing with the count, before the first step.
 MAX_CPU_DEVICES = 1024
 
 
