@@ -98,12 +98,12 @@ def small_layout(shard, params, tx, backend="shard_map"):
 
 def test_chunks_pad_uneven_leaves_and_join_them_back():
     for shape in [(), (3,), (7, 5), (8,), (2, 3, 4)]:
-        cut = Chunks.of(shape, 8)
+        chunks = Chunks.of(shape, 8)
         x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1
-        rows = cut.split_host(x)
-        assert rows.shape == (8, cut.chunk) and cut.chunk == max(1, -(-x.size // 8))
+        rows = chunks.split_host(x)
+        assert rows.shape == (8, chunks.chunk) and chunks.chunk == max(1, -(-x.size // 8))
         assert np.all(rows.reshape(-1)[x.size:] == 0)
-        np.testing.assert_array_equal(cut.join_host(rows), x)
+        np.testing.assert_array_equal(chunks.join_host(rows), x)
 
 
 @pytest.mark.parametrize("shard", SPLIT)
@@ -128,9 +128,9 @@ def test_the_padding_of_uneven_leaves_never_enters_the_state(shard):
     placed, _ = step(placed, backend.put_batch(batch))
     rows = backend.to_host(placed, layout.sharded)
     if shard == "params":
-        for leaf, cut in ((rows.params["w"], Chunks.of((3, 5), 8)),
+        for leaf, chunks in ((rows.params["w"], Chunks.of((3, 5), 8)),
                           (rows.params["b"], Chunks.of((3,), 8))):
-            assert np.all(leaf.reshape(-1)[cut.size:] == 0)
+            assert np.all(leaf.reshape(-1)[chunks.size:] == 0)
     host = layout.to_host(backend, placed)
     np.testing.assert_array_equal(host.params["w"], params["w"] + 1)
     np.testing.assert_array_equal(host.params["b"], params["b"] + 1)
@@ -156,12 +156,12 @@ def test_global_norms_on_chunks_are_the_same_bits_as_on_whole_leaves(name):
     whole = build(8, None)
     expected, _ = jax.jit(lambda g, p: whole.update(g, whole.init(p), p))(grads, params)
     split = build(8, AXIS)
-    cuts = jax.tree.map(lambda x: Chunks.of(x.shape, 8), params)
+    leaf_chunks = jax.tree.map(lambda x: Chunks.of(x.shape, 8), params)
 
     def per_device(g, p):
-        own_g, own_p = (jax.tree.map(lambda c, x: c.own(x), cuts, t) for t in (g, p))
+        own_g, own_p = (jax.tree.map(lambda c, x: c.own(x), leaf_chunks, t) for t in (g, p))
         updates, _ = split.update(own_g, split.init(own_p), own_p)
-        return jax.tree.map(lambda c, u: c.gather(u), cuts, updates)
+        return jax.tree.map(lambda c, u: c.gather(u), leaf_chunks, updates)
 
     got = jax.pmap(lambda _, g, p: per_device(g, p), axis_name=AXIS,
                    in_axes=(0, None, None))(np.arange(8), grads, params)
@@ -279,10 +279,10 @@ def test_a_checkpoint_holds_the_split_state_as_chunks_never_joined_on_the_host(
     assert set(meta["split"].values()) == {8}
     raw = store._checkpointer.restore(store.path(4) / "state")  # as written: flat chunks
     for path, whole in logical:
-        cut = Chunks.of(whole.shape, 8)
+        chunks = Chunks.of(whole.shape, 8)
         flat = np.asarray(functools.reduce(lambda t, k: t[k.key], path, raw["params"]))
-        assert flat.shape == (8 * cut.chunk,)
-        np.testing.assert_array_equal(flat, cut.split_host(whole).reshape(-1))
+        assert flat.shape == (8 * chunks.chunk,)
+        np.testing.assert_array_equal(flat, chunks.split_host(whole).reshape(-1))
     # A tool that wants the logical state back (jaxdist.loop.restore) gets it whole.
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), result.layout.logical)
     restored, _ = store.restore(4, target)
@@ -351,13 +351,13 @@ def test_leaves_travel_in_buckets_of_one_dtype_and_bounded_size(monkeypatch):
 
     leaves = [jnp.zeros(s, d) for s, d in [((100,), jnp.float32), ((8,), jnp.int32),
                                             ((300,), jnp.float32), ((50,), jnp.float32)]]
-    cuts = [Chunks.of(leaf.shape, 8) for leaf in leaves]
+    leaf_chunks = [Chunks.of(leaf.shape, 8) for leaf in leaves]
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 4 * 400)  # leaf 2 (1216 bytes) fits
-    assert sorted(sharding._buckets(leaves, cuts)) == [[0], [1], [2, 3]]
+    assert sorted(sharding._buckets(leaves, leaf_chunks)) == [[0], [1], [2, 3]]
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 4 * 300)  # leaf 2 travels alone
-    assert sorted(sharding._buckets(leaves, cuts)) == [[0, 3], [1], [2]]
+    assert sorted(sharding._buckets(leaves, leaf_chunks)) == [[0, 3], [1], [2]]
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 1 << 20)
-    assert sorted(sharding._buckets(leaves, cuts)) == [[0, 2, 3], [1]]
+    assert sorted(sharding._buckets(leaves, leaf_chunks)) == [[0, 2, 3], [1]]
     # Buckets of one leaf each train exactly as the default ones do.
     monkeypatch.setattr(sharding, "BUCKET_BYTES", 1)
     assert_same_run(run("digits_cnn", "adamw_clip", "shard_map", "optimizer", 12),

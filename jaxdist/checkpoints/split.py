@@ -4,7 +4,7 @@ A state split over the devices (`parallel.shard`) is saved as it lies: each spli
 global array `[devices * chunk]` (flattened, zero-padded), and each process writes the
 chunks of its own devices (orbax's `ocdbt.process_N/`), so no host ever holds the whole
 state. `meta.json` names the split leaves and the device count they were cut for. A restore
-reads each split leaf into the cut the new run wants: another device count reads other
+reads each split leaf into the chunks the new run wants: another device count reads other
 ranges of the same flat leaf (orbax cuts or zero-pads the padding at its end), and a run
 that keeps a leaf whole gets it back in its logical shape.
 """
@@ -42,8 +42,8 @@ def as_saved(key: str, leaf: Any, split: dict[str, int], want: Any) -> Any:
         return leaf
     if want is not None:
         return want
-    cut = Chunks.of(np.shape(leaf), split[key])
-    return np.zeros(cut.devices * cut.chunk, leaf_dtype(leaf))
+    chunks = Chunks.of(np.shape(leaf), split[key])
+    return np.zeros(chunks.devices * chunks.chunk, leaf_dtype(leaf))
 
 
 def as_asked(key: str, leaf: Any, got: Any, split: dict[str, int], want: Any) -> Any:

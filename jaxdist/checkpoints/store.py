@@ -16,7 +16,7 @@ trace of it. Deletion renames first, for the same reason. Restore checks the man
 refuses, with a one-line error, a checkpoint whose files were altered, truncated or added.
 
 A state split over the devices (`parallel.shard`) is saved as it lies, each process writing
-its own devices' chunks, and read back in the cut a new run wants: `jaxdist.checkpoints.split`.
+its own devices' chunks, and read back in the chunks a new run wants: `jaxdist.checkpoints.split`.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ class CheckpointStore:
         Pass the `meta` that `verify(step)` returned to skip verifying a second time.
         `placed` (a tree like `target`) gives, for a leaf the run keeps split over the
         devices, the global array it wants (a `jax.ShapeDtypeStruct` with its sharding),
-        and None for the others: a leaf the checkpoint holds split comes back in the cut
+        and None for the others: a leaf the checkpoint holds split comes back in the chunks
         `placed` asks for, or whole in its logical shape; a leaf it holds whole comes back
         whole (numpy) for the caller to split.
         """

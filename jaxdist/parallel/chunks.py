@@ -22,7 +22,7 @@ from jaxdist.parallel.backend import AXIS, leaf_dtype
 
 @dataclass(frozen=True)
 class Chunks:
-    """How one leaf is cut: its logical shape, its size, and the length of each chunk."""
+    """How one leaf is chunked: its logical shape, its size, and the length of each chunk."""
 
     shape: tuple[int, ...]
     size: int
@@ -31,7 +31,7 @@ class Chunks:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], devices: int) -> Chunks:
-        """The cut of a leaf of `shape` over `devices` devices (at least 1 element each)."""
+        """The chunks of a leaf of `shape` over `devices` devices (at least 1 element each)."""
         size = math.prod(shape)
         return cls(tuple(shape), size, max(1, -(-size // devices)), devices)
 
@@ -77,25 +77,25 @@ class Chunks:
 
 @jax.tree_util.register_pytree_node_class
 class Chunk:
-    """A device's chunk of one parameter, and how its whole leaf is cut.
+    """A device's chunk of one parameter, and the `Chunks` of its whole leaf.
 
     What a loss of `Experiment.gathers_params=True` gets for each parameter under
     `parallel.shard=params`; `gather_where_used` makes it whole. A pytree node (its array
-    the one child, the cut static), so it passes through `jax.grad`, `nn.remat` and
+    the one child, its `Chunks` static), so it passes through `jax.grad`, `nn.remat` and
     flax's variable transforms like the array it holds.
     """
 
-    def __init__(self, data: jax.Array, cut: Chunks):
-        self.data, self.cut = data, cut
+    def __init__(self, data: jax.Array, chunks: Chunks):
+        self.data, self.chunks = data, chunks
 
     def tree_flatten(self) -> tuple[tuple[jax.Array], Chunks]:
-        """The array is the child; the cut rides as static data."""
-        return (self.data,), self.cut
+        """The array is the child; its `Chunks` ride as static data."""
+        return (self.data,), self.chunks
 
     @classmethod
-    def tree_unflatten(cls, cut: Chunks, children: tuple[jax.Array]) -> Chunk:
+    def tree_unflatten(cls, chunks: Chunks, children: tuple[jax.Array]) -> Chunk:
         """Rebuild from `tree_flatten`'s parts."""
-        return cls(children[0], cut)
+        return cls(children[0], chunks)
 
 
 def gather_where_used(tree: PyTree) -> PyTree:
@@ -107,5 +107,5 @@ def gather_where_used(tree: PyTree) -> PyTree:
     code serves every `parallel.shard`. Call it inside the layer's `nn.remat` for the
     backward pass to gather again rather than keep the whole weights.
     """
-    return jax.tree.map(lambda x: x.cut.gather(x.data) if isinstance(x, Chunk) else x, tree,
+    return jax.tree.map(lambda x: x.chunks.gather(x.data) if isinstance(x, Chunk) else x, tree,
                         is_leaf=lambda x: isinstance(x, Chunk))

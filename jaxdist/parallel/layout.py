@@ -27,7 +27,7 @@ On the host, state is in its logical form (whole leaves, their own shapes); `Sta
 converts between the logical form and the split one. A checkpoint keeps the split leaves
 split (`StateLayout.checkpoint_form`): each process writes its own devices' chunks, and a
 run may resume with another `parallel.shard` or on another number of devices, each leaf
-read back into the cut the new run wants (`StateLayout.restore_targets`).
+read back in the chunks the new run wants (`StateLayout.restore_targets`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class StateLayout:
             step=False, params=jax.tree.map(lambda _: self.shard == "params", state.params),
             opt_state=opt_split, rng=False,
             model_state=jax.tree.map(lambda _: False, state.model_state))
-        # A leaf's cut, or False for a replicated leaf.
+        # A leaf's Chunks, or False for a replicated leaf.
         self._chunks = jax.tree.map(
             lambda split, x: Chunks.of(np.shape(x), self.devices) if split else False,
             self.sharded, state)
@@ -182,16 +182,16 @@ class StateLayout:
         chunk i of every leaf.
         """
         leaves, treedef = jax.tree.flatten(grads)
-        cuts = treedef.flatten_up_to(self.param_chunks)
+        leaf_chunks = treedef.flatten_up_to(self.param_chunks)
         out: list[Any] = [None] * len(leaves)
-        for indices in _buckets(leaves, cuts):
+        for indices in _buckets(leaves, leaf_chunks):
             if len(indices) == 1:
-                flat = cuts[indices[0]].padded(leaves[indices[0]])
+                flat = leaf_chunks[indices[0]].padded(leaves[indices[0]])
             else:
-                flat = jnp.concatenate([cuts[i].padded(leaves[i]).reshape(self.devices, -1)
+                flat = jnp.concatenate([leaf_chunks[i].padded(leaves[i]).reshape(self.devices, -1)
                                         for i in indices], axis=1).reshape(-1)
             mine = jax.lax.psum_scatter(flat, AXIS, scatter_dimension=0, tiled=True)
-            widths = [cuts[i].chunk for i in indices]
+            widths = [leaf_chunks[i].chunk for i in indices]
             for i, part in zip(indices, _split(mine, widths), strict=True):
                 out[i] = part
         return jax.tree.unflatten(treedef, out)
@@ -202,15 +202,15 @@ class StateLayout:
         One all-gather per bucket of the leaves' chunks side by side (see `scatter_sum`).
         """
         leaves, treedef = jax.tree.flatten(chunks)
-        cuts = treedef.flatten_up_to(self.param_chunks)
+        leaf_chunks = treedef.flatten_up_to(self.param_chunks)
         out: list[Any] = [None] * len(leaves)
-        for indices in _buckets(leaves, cuts):
+        for indices in _buckets(leaves, leaf_chunks):
             mine = (leaves[indices[0]] if len(indices) == 1
                     else jnp.concatenate([leaves[i] for i in indices]))
             rows = _all_gather_invariant(mine).reshape(self.devices, -1)
-            widths = [cuts[i].chunk for i in indices]
+            widths = [leaf_chunks[i].chunk for i in indices]
             for i, part in zip(indices, _split(rows, widths, axis=1), strict=True):
-                out[i] = cuts[i].join(part)
+                out[i] = leaf_chunks[i].join(part)
         return jax.tree.unflatten(treedef, out)
 
     def gathered(self, chunks: PyTree) -> PyTree:
@@ -242,7 +242,7 @@ class StateLayout:
 BUCKET_BYTES = 4 << 20  # leaves smaller than this travel together, up to this many bytes
 
 
-def _buckets(leaves: list[jax.Array], cuts: list[Chunks]) -> list[list[int]]:
+def _buckets(leaves: list[jax.Array], leaf_chunks: list[Chunks]) -> list[list[int]]:
     """The indices of `leaves` in buckets: small leaves of one dtype together, large alone.
 
     A collective per leaf costs a fixed overhead each (20% of gpt_lm tiny's step on 8
@@ -251,9 +251,9 @@ def _buckets(leaves: list[jax.Array], cuts: list[Chunks]) -> list[list[int]]:
     """
     buckets: list[list[int]] = []
     open_bucket: dict[Any, tuple[list[int], int]] = {}
-    for index, (leaf, cut) in enumerate(zip(leaves, cuts, strict=True)):
+    for index, (leaf, chunks) in enumerate(zip(leaves, leaf_chunks, strict=True)):
         dtype = jnp.dtype(leaf.dtype)
-        size = cut.devices * cut.chunk * dtype.itemsize
+        size = chunks.devices * chunks.chunk * dtype.itemsize
         if size >= BUCKET_BYTES:
             buckets.append([index])
             continue

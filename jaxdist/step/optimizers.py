@@ -59,7 +59,7 @@ def build_optimizer(config: OptimizerConfig, across: str | None = None,
     `inject_hyperparams`), where `learning_rate(opt_state)` reads it.
 
     The norms that clipping and LAMB need are summed over `devices` chunks of each leaf
-    (`jaxdist.parallel.layout`'s cut), chunk by chunk in device order. `across=None`: the
+    (`jaxdist.parallel.chunks.Chunks`), chunk by chunk in device order. `across=None`: the
     transformation sees whole leaves and cuts them itself; `across=AXIS`: it sees this
     device's chunks (`parallel.shard`) and gathers the other chunks' sums. The norms, and so
     the whole run, are then the same bits whatever `parallel.shard` splits.
@@ -100,9 +100,9 @@ def sum_of_squares(x: jax.Array, devices: int, across: str | None) -> jax.Array:
         gathered = jax.lax.all_gather(jnp.sum(jnp.square(x.astype(jnp.float32))), across)
         parts = [gathered[i] for i in range(devices)]
     else:
-        cut = Chunks.of(x.shape, devices)
-        flat = cut.padded(x.astype(jnp.float32))
-        parts = [jnp.sum(jnp.square(flat[i * cut.chunk:(i + 1) * cut.chunk]))
+        chunks = Chunks.of(x.shape, devices)
+        flat = chunks.padded(x.astype(jnp.float32))
+        parts = [jnp.sum(jnp.square(flat[i * chunks.chunk:(i + 1) * chunks.chunk]))
                  for i in range(devices)]
     total = parts[0]
     for part in parts[1:]:
