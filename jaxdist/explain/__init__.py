@@ -189,7 +189,7 @@ def _weighted_sum(fn: Callable, points: np.ndarray, weights: np.ndarray,
     """`sum_k weights[k] * fn(points[k])`, `fn` vmapped over `chunk` points at a time.
 
     The chunks are unrolled, not looped: on XLA:CPU a `lax.scan` over chunks was slower (the
-    README's explain section gives the figure).
+    README's "Why did the model decide that?" gives the figure).
     """
     total = None
     for start in range(0, len(points), chunk):
