@@ -60,9 +60,12 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
                         f"or turn it off with --compilation-cache off") from None
     import jax
 
-    # A cache entry that cannot be written (a full disk) costs only a compile next time;
-    # jax warns once per program, which would bury the line that says what failed.
+    # An entry that cannot be written (a full disk) or read (torn by a process killed while
+    # writing it, or being written by another process right now) costs only a compile: jax
+    # checks each entry as it decompresses it and compiles afresh when that fails. It warns
+    # once per program, which would bury the line that says what failed.
     warnings.filterwarnings("ignore", message="Error writing persistent compilation cache")
+    warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
