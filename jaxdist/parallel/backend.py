@@ -171,7 +171,15 @@ class Backend:
         In a multi-process run every process must call it (the rows of other processes'
         devices come by an all-gather between processes).
         """
-        raise NotImplementedError
+
+        def get(split, x):
+            if not split:
+                return self._copy(x, x.addressable_shards[0].data)
+            shards = x.addressable_shards  # each holds one device's chunk, in either layout
+            local = np.stack([np.asarray(s.data).reshape(-1) for s in shards])
+            return all_rows(local, [self.global_devices.index(s.device) for s in shards])
+
+        return jax.tree.map(get, sharded, tree)
 
     def split_sharding(self) -> NamedSharding:
         """How a split leaf lies as one global array: `[devices * chunk]` along `batch`."""
@@ -180,13 +188,14 @@ class Backend:
     def split_to_global(self, x: jax.Array) -> jax.Array:
         """A placed split leaf as a global `[devices * chunk]` array, on the same devices.
 
-        Each device keeps its own chunk: nothing moves between devices or processes.
+        Each device keeps its own chunk: nothing moves between devices or processes. Where
+        a backend lays split leaves out that way already (shard_map), it is `x` itself.
         """
-        raise NotImplementedError
+        return x
 
     def split_from_global(self, x: jax.Array) -> jax.Array:
         """The inverse of `split_to_global`: a global `[devices * chunk]` as `place` lays it."""
-        raise NotImplementedError
+        return x
 
     def placed_shapes(self, tree: PyTree, sharded: PyTree = None) -> PyTree:
         """What `place(tree, sharded)` would give, as shapes with shardings.
@@ -279,7 +288,7 @@ class Backend:
 
     def examples_to_host(self, tree: PyTree) -> PyTree:
         """The per-example outputs of `compile_per_example` as numpy `[B, ...]`."""
-        raise NotImplementedError
+        return jax.tree.map(np.asarray, tree)
 
     def device_copies(self, tree: PyTree) -> list[PyTree]:
         """Return each device's own copy of a replicated tree, as numpy (for checks)."""
@@ -296,7 +305,7 @@ class Backend:
 
     def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
         """The first device's buffer of a replicated array (still there), and a copy's shape."""
-        raise NotImplementedError
+        return x.addressable_shards[0].data, x.shape
 
     def small_values_to_host(self, tree: PyTree) -> PyTree:
         """One device's copy of a tree of small replicated values, in one transfer per dtype.

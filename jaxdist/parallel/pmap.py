@@ -18,7 +18,6 @@ from jaxdist.parallel.backend import (
     AXIS,
     Backend,
     StepFn,
-    all_rows,
     leaf_dtype,
     split_leading_axis,
     unsplit,
@@ -55,18 +54,6 @@ class PmapBackend(Backend):
             return jax.device_put(np.asarray(x)[rows], self._sharding())
 
         return jax.tree.map(put, sharded, tree)
-
-    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """Every device's row of a split leaf (all processes'), the first copy of the others."""
-
-        def get(split, x):
-            if not split:
-                return np.asarray(x.addressable_shards[0].data)[0]
-            local = np.stack([np.asarray(s.data)[0] for s in
-                              sorted(x.addressable_shards, key=lambda s: s.index[0].start)])
-            return all_rows(local, self._local_positions())
-
-        return jax.tree.map(get, sharded, tree)
 
     def split_to_global(self, x: jax.Array) -> jax.Array:
         """Each device's row `[1, chunk]` becomes its piece of a global `[devices * chunk]`."""

@@ -18,7 +18,6 @@ from jaxdist.parallel.backend import (
     AXIS,
     Backend,
     StepFn,
-    all_rows,
     leaf_dtype,
     replicated_step,
     split_leading_axis,
@@ -61,30 +60,6 @@ class ShardMapBackend(Backend):
                                                 lambda index: flat[index])
 
         return jax.tree.map(put, sharded, tree, replicated, is_leaf=lambda x: x is None)
-
-    def to_host(self, tree: PyTree, sharded: PyTree) -> PyTree:
-        """A split leaf read back as `[devices, chunk]` (from every process), others one copy."""
-        devices = len(self.global_devices)
-
-        def get(split, x):
-            if not split:
-                return np.asarray(x.addressable_shards[0].data)
-            if x.is_fully_addressable:
-                return np.asarray(x).reshape(devices, -1)
-            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
-            local = np.stack([np.asarray(s.data) for s in shards])
-            positions = [s.index[0].start // local.shape[1] for s in shards]
-            return all_rows(local, positions)
-
-        return jax.tree.map(get, sharded, tree)
-
-    def split_to_global(self, x: jax.Array) -> jax.Array:
-        """A split leaf already is the global `[devices * chunk]` array."""
-        return x
-
-    def split_from_global(self, x: jax.Array) -> jax.Array:
-        """A split leaf already is the global `[devices * chunk]` array."""
-        return x
 
     def placed_shapes(self, tree: PyTree, sharded: PyTree = None) -> PyTree:
         """A split leaf `[devices, chunk]` as `[devices * chunk]` along `batch`; others whole."""
@@ -133,11 +108,3 @@ class ShardMapBackend(Backend):
         """`jax.jit(jax.shard_map(...))` with the outputs split along `batch` like the input."""
         return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
                                      out_specs=P(AXIS), check_vma=True))
-
-    def examples_to_host(self, tree: PyTree) -> PyTree:
-        """The global arrays, read whole."""
-        return jax.tree.map(np.asarray, tree)
-
-    def first_shard(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
-        """The first device's (whole) copy."""
-        return x.addressable_shards[0].data, x.shape
