@@ -10,8 +10,8 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
-from sklearn.datasets import load_digits
 
+from experiments._sklearn_files import load_digits_rows
 from jaxdist import Experiment, ExplainSpec
 from jaxdist.data import as_source, column
 from jaxdist.data.augment import random_crop
@@ -20,7 +20,7 @@ from jaxdist.step.losses import accuracy, check_labels, cross_entropy
 
 def load_split() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """First half of the digits for training, second half for testing; pixels in [0, 1]."""
-    images, labels = load_digits(return_X_y=True)
+    images, labels = load_digits_rows()
     images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
     labels = labels.astype(np.int32)
     half = len(images) // 2

@@ -26,8 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.datasets import load_diabetes
 
+from experiments._sklearn_files import DIABETES_FEATURES, load_diabetes_rows
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
 from jaxdist.config import apply_overrides
 from jaxdist.step.precision import cast_floats, compute_dtype
@@ -57,7 +57,7 @@ def tiny_config() -> Config:
 
 def load_data() -> dict[str, np.ndarray]:
     """The diabetes rows: standardized float32 features `x` [442, 10], target `y` [442]."""
-    features, target = load_diabetes(return_X_y=True, scaled=False)
+    features, target = load_diabetes_rows()
     features = (features - features.mean(0)) / features.std(0)
     return {"x": features.astype(np.float32), "y": target.astype(np.float32)}
 
@@ -93,6 +93,6 @@ def build(config: Config) -> Experiment:
     explain = ExplainSpec(input="x", label="y", kind="tabular",
                           output=lambda params, model_state, x: predict(params, x, dtype),
                           coefficients=lambda params: params["w"],
-                          feature_names=tuple(load_diabetes().feature_names))
+                          feature_names=DIABETES_FEATURES)
     return Experiment(init_params=init_params, loss_fn=make_loss_fn(dtype), train_data=data,
                       eval_data=data, precision=precision, explain=explain)

@@ -68,3 +68,34 @@ def test_cifar_reads_the_python_batches_and_npz(tmp_path):
     np.testing.assert_array_equal(again["image"], train["image"])
     with pytest.raises(UserError, match="CIFAR-10 python batches"):
         load_cifar(str(tmp_path))
+
+
+@pytest.mark.parametrize("without_files", [False, True])
+def test_the_bundled_data_sets_are_scikit_learns_bits(monkeypatch, without_files):
+    import numpy as np
+    from sklearn.datasets import load_diabetes, load_digits
+
+    import experiments._sklearn_files as files
+
+    if without_files:  # a release that keeps its files elsewhere: its own loaders
+        monkeypatch.setattr(files, "_data_file", lambda name: None)
+    pairs = [(files.load_diabetes_rows(), load_diabetes(return_X_y=True, scaled=False)),
+             (files.load_digits_rows(), load_digits(return_X_y=True))]
+    for ours, theirs in pairs:
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+    assert files.DIABETES_FEATURES == tuple(load_diabetes().feature_names)
+
+
+def test_the_bundled_experiments_load_without_importing_scikit_learn():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, experiments.linear_regression, experiments.digits_cnn\n"
+            "print('sklearn' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
