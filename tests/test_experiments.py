@@ -99,3 +99,4 @@ def test_the_bundled_experiments_load_without_importing_scikit_learn():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+

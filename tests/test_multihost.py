@@ -40,14 +40,29 @@ def records(workdir):
             .splitlines()]
 
 
+def two_process_run(workdir, backend):
+    """2 x 4 devices, 20 steps of linear_regression on `backend`: (its output, its workdir)."""
+    result = launch(*LINEAR, "train.steps=20", f"parallel.backend={backend}",
+                    "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result, workdir
+
+
+@pytest.fixture(scope="module")
+def two_process_pmap_run(tmp_path_factory):
+    """The pmap run of `two_process_run`, which two tests compare with (one xdist group)."""
+    return two_process_run(tmp_path_factory.mktemp("two-pmap") / "run", "pmap")
+
+
+@pytest.mark.xdist_group("two_process_pmap_run")
 @pytest.mark.parametrize("backend", ["pmap", "shard_map"])
-def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, backend):
-    settings = [*LINEAR, "train.steps=20", f"parallel.backend={backend}"]
-    two = launch(*settings, "--workdir", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = single(*settings, "--workdir", str(tmp_path / "one"))
+def test_two_processes_of_four_devices_equal_one_process_of_eight(request, tmp_path, backend):
+    two, two_workdir = (request.getfixturevalue("two_process_pmap_run") if backend == "pmap"
+                        else two_process_run(tmp_path / "two", backend))
+    one = single(*LINEAR, "train.steps=20", f"parallel.backend={backend}",
+                 "--workdir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    a, b = records(two_workdir), records(tmp_path / "one")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert len(a) == 6
     for x, y in zip(a, b, strict=True):
@@ -69,15 +84,16 @@ def test_one_epoch_over_two_processes_reads_every_example_once(tmp_path):
         np.testing.assert_allclose(point["id_squared"], (ids**2).mean(), rtol=1e-6)
 
 
-def test_a_two_process_run_resumes_exactly(tmp_path):
-    whole = launch(*LINEAR, "train.steps=20", "--workdir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
+@pytest.mark.xdist_group("two_process_pmap_run")
+def test_a_two_process_run_resumes_exactly(tmp_path, two_process_pmap_run):
+    _, whole = two_process_pmap_run
     for steps in (10, 20):
-        part = launch(*LINEAR, f"train.steps={steps}", "--workdir", str(tmp_path / "split"))
+        part = launch(*LINEAR, f"train.steps={steps}", "parallel.backend=pmap",
+                      "--workdir", str(tmp_path / "split"))
         assert part.returncode == 0, part.stderr[-2000:]
     assert "resumed from" in part.stdout
     after = [r for r in records(tmp_path / "split") if r["step"] > 10]
-    assert after == [r for r in records(tmp_path / "whole") if r["step"] > 10]
+    assert after == [r for r in records(whole) if r["step"] > 10]
     assert len(after) == 3
 
 

@@ -70,6 +70,8 @@ MATRIX = ([(e, o, b) for e in EXPERIMENTS for o in OPTIMIZERS for b in ("pmap", 
 STEPS = 200 if FULL_MATRIX else 40
 
 
+# The tests that share `run`'s cached reference runs go to one worker (xdist group).
+@pytest.mark.xdist_group("sharding_runs")
 @pytest.mark.parametrize("shard", SPLIT)
 @pytest.mark.parametrize("experiment,optimizer,backend", MATRIX)
 def test_every_split_trains_as_the_replicated_run(experiment, optimizer, backend, shard):
@@ -77,6 +79,7 @@ def test_every_split_trains_as_the_replicated_run(experiment, optimizer, backend
                     run(experiment, optimizer, backend, "none", STEPS))
 
 
+@pytest.mark.xdist_group("sharding_runs")
 @pytest.mark.parametrize("extra", [
     ("parallel.grad_reduce=sum",),
     ("train.grad_accum=2",),
@@ -321,20 +324,19 @@ DIGITS_CLI = ["digits_cnn", "train.batch_size=64", "train.log_every=5", "train.e
               "optimizer.clip_norm=0.5", "train.checkpoint_every=10"]
 
 
-@pytest.mark.parametrize("backend,shard", [("pmap", "params"), ("shard_map", "optimizer")])
-def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path, backend,
-                                                                         shard):
+def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path):
+    # pmap with the params split writes the checkpoint that shard_map with the optimizer
+    # state split resumes from: both backends, both kinds of split leaf, in two processes.
     from tests.test_multihost import launch, records, single
 
-    settings = [*DIGITS_CLI, f"parallel.backend={backend}"]
-    for steps in (10, 20):  # the second run resumes from the first one's checkpoint
-        two = launch(*settings, f"parallel.shard={shard}", f"train.steps={steps}",
-                     "--workdir", str(tmp_path / "two"))
+    for steps, backend, shard in ((10, "pmap", "params"), (20, "shard_map", "optimizer")):
+        two = launch(*DIGITS_CLI, f"parallel.backend={backend}", f"parallel.shard={shard}",
+                     f"train.steps={steps}", "--workdir", str(tmp_path / "two"))
         assert two.returncode == 0, two.stderr[-2000:]
+        state = next((tmp_path / "two" / "checkpoints").glob(f"step_*{steps}")) / "state"
+        assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
     assert "resumed from" in two.stdout
-    state = next((tmp_path / "two" / "checkpoints").glob("step_*")) / "state"
-    assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
-    one = single(*settings, "parallel.shard=none", "train.steps=20",
+    one = single(*DIGITS_CLI, "parallel.shard=none", "train.steps=20",
                  "--workdir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     a, b = records(tmp_path / "two"), records(tmp_path / "one")
