@@ -4,6 +4,7 @@ Every `parallel.shard` value is compared with `none`, the plain data-parallel st
 rest of the suite checks against single-device and numpy references.
 """
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -40,12 +41,12 @@ OPTIMIZERS = {"adamw_clip": [], "lamb": ["optimizer.name=lamb", "optimizer.weigh
 @functools.cache
 def run(experiment: str, optimizer: str, backend: str, shard: str, steps: int = 200,
         extra: tuple[str, ...] = ()):
-    """Train and return (train history, final logical params)."""
+    """Train (no evaluation: only training is compared) and return (train history, params)."""
     module, settings = EXPERIMENTS[experiment]
     config = apply_overrides(module.tiny_config(), [
         *settings, *OPTIMIZERS[optimizer], f"train.steps={steps}", "train.log_every=20",
         f"parallel.backend={backend}", f"parallel.shard={shard}", *extra])
-    result = fit(module.build(config), config, stream=None)
+    result = fit(dataclasses.replace(module.build(config), eval_data=None), config, stream=None)
     return result.history("train"), result.params
 
 
