@@ -29,10 +29,16 @@ def launch(*args, processes=2, devices=4, timeout=300):
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def single(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxdist.run", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ))  # 8 fake devices from conftest
+def single_records(name, *overrides, workdir):
+    """The records of a 1 x 8 run in this process (the reference a test compares with).
+
+    The same as `python -m jaxdist.run` writes (tests/test_python_api.py), without a start.
+    """
+    import jaxdist
+
+    experiment, config = jaxdist.load(name, list(overrides))
+    jaxdist.fit(experiment, config, str(workdir), stream=None)
+    return records(workdir)
 
 
 def records(workdir):
@@ -59,10 +65,9 @@ def two_process_pmap_run(tmp_path_factory):
 def test_two_processes_of_four_devices_equal_one_process_of_eight(request, tmp_path, backend):
     two, two_workdir = (request.getfixturevalue("two_process_pmap_run") if backend == "pmap"
                         else two_process_run(tmp_path / "two", backend))
-    one = single(*LINEAR, "train.steps=20", f"parallel.backend={backend}",
-                 "--workdir", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-2000:]
-    a, b = records(two_workdir), records(tmp_path / "one")
+    a = records(two_workdir)
+    b = single_records(*LINEAR, "train.steps=20", f"parallel.backend={backend}",
+                       workdir=tmp_path / "one")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert len(a) == 6
     for x, y in zip(a, b, strict=True):
