@@ -93,16 +93,16 @@ def explain_cli(*args):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def train_cli(*args):
-    result = subprocess.run([sys.executable, "-m", "jaxdist.run", *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+def train_into(workdir, name, *overrides):
+    """Train `name` into `workdir` in this process, as `python -m jaxdist.run` would."""
+    experiment, config = load(str(name), list(overrides))
+    assert fit(experiment, config, str(workdir), stream=None).stop_reason == "completed"
 
 
 def test_the_command_writes_attributions_and_a_picture(tmp_path):
     workdir = tmp_path / "digits"
-    train_cli("digits_cnn", "--workdir", workdir, "train.steps=20", "train.eval_every=0",
-              "train.batch_size=64")
+    train_into(workdir, "digits_cnn", "train.steps=20", "train.eval_every=0",
+               "train.batch_size=64")
     result = explain_cli(workdir, "--examples", 12, "--method", "ig", "--steps", 16)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = np.load(workdir / "explain" / "attributions.npz")
@@ -122,12 +122,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     from jaxdist.explain.__main__ import main
 
     workdir = tmp_path / "run"
-    train_cli("linear_regression", "--workdir", workdir, "train.steps=5")
+    train_into(workdir, "linear_regression", "train.steps=5")
     nothing = tmp_path / "nothing"
     nothing.mkdir()
     (nothing / "config.json").write_text((workdir / "config.json").read_text())
     opaque = tmp_path / "opaque"
-    train_cli(str(ROOT / "tests" / "id_experiment.py"), "--workdir", opaque)
+    train_into(opaque, ROOT / "tests" / "id_experiment.py")
     for args, fragment in [
         ((nothing,), "holds no checkpoint yet"),
         ((tmp_path / "absent",), "holds no config.json"),
