@@ -13,7 +13,7 @@ import jaxdist
 from jaxdist import fit
 from jaxdist.base.errors import UserError
 from jaxdist.loop.restore import restore_run
-from tests.toy import mlp_experiment, toy_config, wait_for_file
+from tests.toy import mlp_experiment, toy_config, train_into, wait_for_file
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
@@ -355,7 +355,8 @@ def test_a_disk_that_fills_during_a_background_save_is_one_line(tmp_path):
     workdir = tmp_path / "run"
     args = ["digits_mlp", "--workdir", str(workdir), "train.checkpoint_every=1",
             "train.eval_every=0"]
-    assert run_cli(*args, "train.steps=1").returncode == 0
+    train_into(workdir, "digits_mlp", "train.checkpoint_every=1", "train.eval_every=0",
+               "train.steps=1")
     # The room is checked before a save; here the disk fills after that check.
     result = capped(1024, *args, "train.steps=3",
                     prelude="; import jaxdist.base.disk as d; d.lacking_room = lambda *a: None")
@@ -366,9 +367,7 @@ def test_a_disk_that_fills_during_a_background_save_is_one_line(tmp_path):
 
 def test_a_full_disk_when_the_log_is_rewritten_at_a_resume_is_one_line(tmp_path):
     workdir = tmp_path / "run"
-    first = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=200",
-                    "train.log_every=1")
-    assert first.returncode == 0, first.stderr[-2000:]
+    train_into(workdir, "linear_regression", "train.steps=200", "train.log_every=1")
     before = (workdir / "metrics.jsonl").read_text()
     assert len(before) > 8192  # more than the limit below
     result = capped(4, "linear_regression", "--workdir", str(workdir), "train.steps=400",

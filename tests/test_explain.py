@@ -12,6 +12,7 @@ import pytest
 from experiments import linear_regression
 from jaxdist import fit, load, make_backend
 from jaxdist.explain import Method, explain, mean_features
+from tests.toy import train_into
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
@@ -91,12 +92,6 @@ def test_one_device_eight_devices_pmap_and_shard_map_agree(digits, method):
 def explain_cli(*args):
     return subprocess.run([sys.executable, "-m", "jaxdist.explain", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def train_into(workdir, name, *overrides):
-    """Train `name` into `workdir` in this process, as `python -m jaxdist.run` would."""
-    experiment, config = load(str(name), list(overrides))
-    assert fit(experiment, config, str(workdir), stream=None).stop_reason == "completed"
 
 
 def test_the_command_writes_attributions_and_a_picture(tmp_path):

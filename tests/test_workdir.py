@@ -15,7 +15,7 @@ from jaxdist import fit
 from jaxdist.base.errors import UserError
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock
-from tests.toy import make_data, mlp_experiment, toy_config, wait_for_file
+from tests.toy import make_data, mlp_experiment, toy_config, train_into, wait_for_file
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
@@ -76,8 +76,7 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
 
 def test_another_experiment_with_data_of_the_same_size_is_refused(tmp_path):
     workdir = tmp_path / "run"
-    first = run_cli("linear_regression", "--workdir", str(workdir), "train.steps=8")
-    assert first.returncode == 0, first.stderr[-2000:]
+    train_into(workdir, "linear_regression", "train.steps=8")
     other = tmp_path / "reversed.py"
     other.write_text(textwrap.dedent('''
         """linear_regression with its columns reversed and its targets doubled."""

@@ -66,3 +66,17 @@ def wait_for_file(path: Path, timeout: float = 120) -> bool:
     while not Path(path).exists() and time.time() < deadline:
         time.sleep(0.1)
     return Path(path).exists()
+
+
+def train_into(workdir: Path | str, name: str | Path, *overrides: str) -> None:
+    """Train `name` with `overrides` into `workdir` in this process, as `jaxdist.run` would.
+
+    For a test whose subject is a later command on that workdir: the run itself adds
+    nothing in a process of its own (tests/test_python_api.py checks that both write the
+    same). It must finish.
+    """
+    import jaxdist
+
+    experiment, config = jaxdist.load(str(name), list(overrides))
+    result = jaxdist.fit(experiment, config, str(workdir), stream=None)
+    assert result.stop_reason == "completed", result
