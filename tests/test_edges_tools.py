@@ -19,6 +19,7 @@ from jaxdist.explain import Method, explain
 from jaxdist.explain.__main__ import main as explain_main
 from jaxdist.plot import main as plot_main
 from jaxdist.scaling.__main__ import main as scaling_main
+from tests.toy import train_into
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -308,10 +309,7 @@ def test_plot_refuses_a_metrics_file_that_is_not_one(tmp_path, capsys, kind):
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("explain") / "digits"
-    result = subprocess.run([sys.executable, "-m", "jaxdist.run", "digits_mlp", "--workdir",
-                             str(workdir), "train.steps=5", "train.eval_every=0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_into(workdir, "digits_mlp", "train.steps=5", "train.eval_every=0")
     return workdir
 
 
