@@ -27,3 +27,22 @@ if _OWNER not in os.environ:
 from jaxdist.loop.compile_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Send the tests that share a module-scoped fixture to one worker (`--dist loadgroup`).
+
+    Such a fixture (a trained run, say) is made once per worker that needs it; in one group
+    it is made once. A test that names its own `xdist_group` keeps it.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(name for name, defs in (info.name2fixturedefs.items() if info else ())
+                        if defs and defs[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))

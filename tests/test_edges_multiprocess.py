@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxdist.launch import free_port
-from tests.toy import wait_for_file
+from tests.toy import train_into, wait_for_file
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
@@ -59,10 +59,7 @@ def checkpoints(workdir):
 def trained(tmp_path_factory):
     """A run of 20 steps on 8 devices, checkpointed every 10 (what the pairs resume)."""
     workdir = tmp_path_factory.mktemp("trained") / "w0"
-    result = subprocess.run([sys.executable, "-m", "jaxdist.run", *LINEAR, "train.steps=20",
-                             "train.checkpoint_every=10", "--workdir", str(workdir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_into(workdir, *LINEAR, "train.steps=20", "train.checkpoint_every=10")
     return workdir
 
 

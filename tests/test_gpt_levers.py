@@ -108,6 +108,7 @@ def gpt_loss_and_grads(remat):
     return *jax.jit(jax.value_and_grad(loss))(params), len(activations)
 
 
+@pytest.mark.xdist_group("gpt_loss_and_grads")  # shares its cached programs
 @pytest.mark.parametrize("remat", ["block", "dots"])
 def test_remat_gives_the_loss_and_gradients_of_none(remat):
     want_loss, want_grads, _ = gpt_loss_and_grads("none")
@@ -118,6 +119,7 @@ def test_remat_gives_the_loss_and_gradients_of_none(remat):
                  grads, want_grads)
 
 
+@pytest.mark.xdist_group("gpt_loss_and_grads")  # shares its cached programs
 def test_remat_keeps_fewer_activations_for_the_backward_pass():
     kept = {remat: gpt_loss_and_grads(remat)[2] for remat in ("none", "dots", "block")}
     assert kept["none"] > kept["dots"] > kept["block"] > 0, kept
@@ -139,6 +141,7 @@ def gpt_lm_losses_and_grads(*overrides):
     return losses, aux, grads, lowered.as_text()
 
 
+@pytest.mark.xdist_group("gpt_lm_losses_and_grads")  # shares its cached programs
 @pytest.mark.parametrize(("precision", "chunk", "rtol"), [
     ("fp32", 32, 1e-5), ("fp32", 100, 1e-5), ("bf16", 32, 2e-2)])
 def test_the_gpt_lm_loss_chunk_by_chunk_equals_the_loss_over_all_logits(precision, chunk,
@@ -179,6 +182,7 @@ def test_cudnn_attention_on_a_gpu_needs_bf16_compute():
     check_attention("xla", jnp.float32, "cpu")
 
 
+@pytest.mark.xdist_group("gpt_lm_losses_and_grads")  # shares its cached programs
 def test_xla_attention_equals_the_default():
     want_losses, _, want_grads, _ = gpt_lm_losses_and_grads("train.precision=fp32")
     losses, _, grads, _ = gpt_lm_losses_and_grads("train.precision=fp32",

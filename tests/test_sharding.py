@@ -189,6 +189,7 @@ def test_optimizer_state_that_follows_the_params_is_split_and_the_rest_is_not():
     assert not any(jax.tree.leaves(layout.sharded.params))
 
 
+@pytest.mark.xdist_group("compiled_gpt_step")  # shares its compiled programs
 @pytest.mark.parametrize("backend", ["pmap", "shard_map"])
 def test_the_split_steps_reduce_scatter_and_all_gather_instead_of_all_reducing(backend):
     config = apply_overrides(gpt.tiny_config(), [f"parallel.backend={backend}"])
@@ -226,6 +227,7 @@ def compiled_gpt_step(backend, shard):
     return lowered.compile()
 
 
+@pytest.mark.xdist_group("compiled_gpt_step")  # shares its compiled programs
 def test_split_state_takes_less_memory_per_device():
     config = apply_overrides(gpt.tiny_config(), ["parallel.backend=shard_map"])
     sizes = {shard: compiled_gpt_step("shard_map", shard).memory_analysis()
