@@ -14,7 +14,7 @@ import pytest
 
 from jaxdist.launch import free_port
 from tests.id_experiment import SIZE
-from tests.toy import wait_for_file
+from tests.toy import train_into, wait_for_file
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 
@@ -30,14 +30,8 @@ def launch(*args, processes=2, devices=4, timeout=300):
 
 
 def single_records(name, *overrides, workdir):
-    """The records of a 1 x 8 run in this process (the reference a test compares with).
-
-    The same as `python -m jaxdist.run` writes (tests/test_python_api.py), without a start.
-    """
-    import jaxdist
-
-    experiment, config = jaxdist.load(name, list(overrides))
-    jaxdist.fit(experiment, config, str(workdir), stream=None)
+    """The records of a 1 x 8 run in this process (the reference a test compares with)."""
+    train_into(workdir, name, *overrides)
     return records(workdir)
 
 
