@@ -1,6 +1,6 @@
 """scikit-learn's bundled diabetes and digits data, read from its files without importing it.
 
-Importing scikit-learn costs a process about a second (it imports scipy.stats), more than a
+Importing scikit-learn costs a process about 1.5 s (it imports scipy.stats), more than a
 small experiment's training. Its data sets are gzip'ed CSV files inside the package that
 its own loaders read with `np.loadtxt`; reading them the same way gives the same arrays,
 bit for bit (tests/test_experiments.py compares them with scikit-learn's loaders). Where a
