@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
 from jaxdist.data.augment import random_crop, random_flip
-from jaxdist.models.resnet import ResNet
 from jaxdist.step.losses import accuracy, check_labels, cross_entropy
+from jaxdist.step.models.resnet import ResNet
 from jaxdist.step.precision import compute_dtype
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)

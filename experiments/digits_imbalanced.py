@@ -32,9 +32,9 @@ import numpy as np
 from experiments import digits_cnn
 from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment
-from jaxdist.config import apply_overrides
-from jaxdist.models.cnn import SmallCNN
+from jaxdist.base.config import apply_overrides
 from jaxdist.step.losses import accuracy, class_weights_for
+from jaxdist.step.models.cnn import SmallCNN
 from jaxdist.step.precision import compute_dtype
 
 MINORITY = (3, 8)
@@ -101,7 +101,7 @@ def build(config: Config) -> Experiment:
 
 def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:
     """Train the three variants and print accuracy and minority recall side by side."""
-    from jaxdist.config import apply_overrides
+    from jaxdist.base.config import apply_overrides
     from jaxdist.loop.fit import fit
 
     rows = []

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from experiments._digits import classifier_experiment, load_split
 from jaxdist import Config, Experiment, OptimizerConfig, TrainConfig
-from jaxdist.config import apply_overrides
-from jaxdist.models.mlp import MLP
+from jaxdist.base.config import apply_overrides
+from jaxdist.step.models.mlp import MLP
 from jaxdist.step.precision import compute_dtype
 
 

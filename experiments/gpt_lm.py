@@ -48,13 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
 from jaxdist.data.text import ByteWindows, read_bytes, text_files
 from jaxdist.data.tokens import describe_split, token_windows
-from jaxdist.models.gpt import GPT, SIZES, check_attention
 from jaxdist.parallel.chunks import gather_where_used
 from jaxdist.step.losses import chunked_cross_entropy, cross_entropy
+from jaxdist.step.models.gpt import GPT, SIZES, check_attention
 from jaxdist.step.precision import compute_dtype
 
 
@@ -197,7 +197,7 @@ def build(config: Config) -> Experiment:
         """The params with every leaf outside the blocks whole (gathered, if in chunks).
 
         Under parallel.shard=params the blocks gather their own weights, one block at a
-        time (jaxdist.models.gpt); the embeddings and the final LayerNorm are gathered here.
+        time (jaxdist.step.models.gpt); the embeddings and the final LayerNorm are gathered here.
         """
         return {name: tree if name.startswith("block") else gather_where_used(tree)
                 for name, tree in params.items()}

@@ -29,7 +29,7 @@ import numpy as np
 
 from experiments._sklearn_files import DIABETES_FEATURES, load_diabetes_rows
 from jaxdist import Config, Experiment, ExplainSpec, OptimizerConfig, TrainConfig
-from jaxdist.config import apply_overrides
+from jaxdist.base.config import apply_overrides
 from jaxdist.step.precision import cast_floats, compute_dtype
 
 

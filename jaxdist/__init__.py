@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "Backend": "jaxdist.parallel.backend", "make_backend": "jaxdist.parallel.backends",
-    "Config": "jaxdist.config", "OptimizerConfig": "jaxdist.config",
-    "ParallelConfig": "jaxdist.config", "TrainConfig": "jaxdist.config",
+    "Config": "jaxdist.base.config", "OptimizerConfig": "jaxdist.base.config",
+    "ParallelConfig": "jaxdist.base.config", "TrainConfig": "jaxdist.base.config",
     "Experiment": "jaxdist.step.experiment", "ExplainSpec": "jaxdist.step.experiment",
     "TrainResult": "jaxdist.loop.fit", "fit": "jaxdist.loop.fit",
     "TrainState": "jaxdist.step.steps", "make_eval_step": "jaxdist.step.steps",
@@ -48,8 +48,8 @@ if _starting_the_run_command() and threading.current_thread() is threading.main_
     StartupSignals.install()
 
 if TYPE_CHECKING:
+    from jaxdist.base.config import Config, OptimizerConfig, ParallelConfig, TrainConfig
     from jaxdist.base.errors import UserError
-    from jaxdist.config import Config, OptimizerConfig, ParallelConfig, TrainConfig
     from jaxdist.loop.discovery import load
     from jaxdist.loop.fit import TrainResult, fit
     from jaxdist.parallel.backend import Backend

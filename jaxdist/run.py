@@ -126,7 +126,7 @@ def run(argv: list[str] | None = None) -> int:
         global _peer_failures
         _peer_failures = FailureWatch().start()
 
-    from jaxdist.config import describe_keys
+    from jaxdist.base.config import describe_keys
     from jaxdist.loop.discovery import list_experiments, load, load_experiment
 
     if args.list:

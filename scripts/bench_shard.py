@@ -50,7 +50,7 @@ def memory_table(args: argparse.Namespace) -> None:
     import jax
 
     import experiments.gpt_lm as gpt
-    from jaxdist.config import apply_overrides
+    from jaxdist.base.config import apply_overrides
     from jaxdist.loop.compiled import lower_abstract_train_step
     from jaxdist.parallel.layout import SHARDS
 
@@ -95,7 +95,7 @@ def memory_table(args: argparse.Namespace) -> None:
 def speed_table(args: argparse.Namespace) -> None:
     """Print steps/s of gpt_lm tiny's step for every shard value, as ratios to `none`."""
     import experiments.gpt_lm as gpt
-    from jaxdist.config import apply_overrides
+    from jaxdist.base.config import apply_overrides
     from jaxdist.loop.start import prepare_run
     from jaxdist.parallel.layout import SHARDS
 
@@ -105,9 +105,9 @@ def speed_table(args: argparse.Namespace) -> None:
         experiment = gpt.build(config)
         start = prepare_run(experiment, config, None, False, ())
         backend, layout = start.backend, start.layout
-        step = backend.compile(start.train_step, traced=True, sharded=layout.sharded_or_none)
         state = layout.to_devices(backend, start.host_state)
-        return jaxdist_runner(step, state, backend.put_batch(start.loader.peek()), backend)
+        batch = backend.put_batch(start.loader.peek())
+        return jaxdist_runner(start.train_step, state, batch, backend)
 
     sides = {f"shard={shard}": runner(shard) for shard in SHARDS}
     print(f"gpt_lm tiny, {args.backend}; {args.rounds} rounds x {args.steps} steps per side")

@@ -10,8 +10,8 @@ import jax
 
 from experiments import linear_regression
 from jaxdist import Config, Experiment
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
 
 
 def config() -> Config:

@@ -13,7 +13,7 @@ import numpy as np
 
 from experiments import linear_regression
 from jaxdist import Config, Experiment
-from jaxdist.config import apply_overrides
+from jaxdist.base.config import apply_overrides
 from jaxdist.data import ArraySource
 
 

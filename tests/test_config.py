@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from jaxdist.base.config import Config, apply_overrides, leaf_keys, to_dict
 from jaxdist.base.errors import UserError
-from jaxdist.config import Config, apply_overrides, leaf_keys, to_dict
 
 
 @dataclass
@@ -89,7 +89,7 @@ def test_every_leaf_key_is_listed_and_saved():
 
 def test_a_key_added_since_a_checkpoint_resumes_only_at_its_default():
     """A checkpoint saved before a config key existed: its absence means the default."""
-    from jaxdist.config import Config, flatten, resume_conflicts, to_dict
+    from jaxdist.base.config import Config, flatten, resume_conflicts, to_dict
 
     current = Config()
     saved = to_dict(current)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from experiments import gpt_lm
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
 from jaxdist.data.tokens import (
     LLMC_MAGIC,
     TokenWindows,

@@ -17,9 +17,9 @@ from jaxdist.base.errors import UserError
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.data import Loader, class_balanced_probabilities
 from jaxdist.data.augment import random_crop, random_flip
-from jaxdist.models.batchnorm import CrossReplicaBatchNorm
-from jaxdist.models.mlp import MLP
 from jaxdist.step.losses import cross_entropy
+from jaxdist.step.models.batchnorm import CrossReplicaBatchNorm
+from jaxdist.step.models.mlp import MLP
 from jaxdist.step.steps import NONFINITE
 from tests.toy import make_data, mlp_experiment, toy_config
 

@@ -263,7 +263,7 @@ def test_a_clone_named_jaxdist_does_not_hide_the_package(tmp_path):
 
 def test_a_map_style_data_set_feeds_the_digits_helper_a_batch_at_a_time():
     from experiments._digits import classifier_experiment, load_split
-    from jaxdist.models.mlp import MLP
+    from jaxdist.step.models.mlp import MLP
 
     class MapDataset:  # the shape of a grain MapDataset or a Hugging Face Dataset
         def __init__(self, arrays):

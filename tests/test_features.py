@@ -9,9 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdist import fit, make_backend
-from jaxdist.config import OptimizerConfig
-from jaxdist.models.batchnorm import CrossReplicaBatchNorm
+from jaxdist.base.config import OptimizerConfig
 from jaxdist.step.losses import class_weights_for, cross_entropy
+from jaxdist.step.models.batchnorm import CrossReplicaBatchNorm
 from jaxdist.step.optimizers import build_optimizer, build_schedule
 from jaxdist.step.steps import device_rng
 from tests.toy import make_data, mlp_experiment, toy_config

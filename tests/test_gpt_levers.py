@@ -14,10 +14,10 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from experiments import gpt_lm
 from jaxdist import fit
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
-from jaxdist.models.gpt import GPT, SIZES, check_attention
 from jaxdist.step.losses import chunked_cross_entropy, cross_entropy
+from jaxdist.step.models.gpt import GPT, SIZES, check_attention
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
 

@@ -9,8 +9,8 @@ import pytest
 
 from experiments import cifar_resnet, gpt_lm, linear_regression
 from jaxdist import Experiment, TrainState, fit, make_backend, make_train_step
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
-from jaxdist.config import apply_overrides
 from jaxdist.data import Loader
 from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
 from tests.toy import make_data, toy_config

@@ -19,7 +19,7 @@ import pytest
 
 import experiments.digits_cnn as digits
 import experiments.gpt_lm as gpt
-from jaxdist.config import apply_overrides
+from jaxdist.base.config import apply_overrides
 from jaxdist.loop.compiled import collectives, lower_train_step, ring_traffic
 from jaxdist.loop.fit import fit
 from jaxdist.loop.metrics import TIMING_KEYS

@@ -1,5 +1,7 @@
 """The core's promises: exact global means, backend and device-count invariance, replicas."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -140,3 +142,19 @@ def test_each_device_and_each_step_gets_its_own_key():
     all_keys = {tuple(k) for k in np.concatenate([step0, step1]).reshape(16, -1)}
     assert len(all_keys) == 16
     np.testing.assert_array_equal(step0, np.asarray(mapped(root, np.zeros(8, np.int32))))
+
+
+@pytest.mark.parametrize("backend,traces", [("shard_map", 1), ("pmap", 2)])
+def test_a_run_traces_its_train_step_once_and_pmap_once_more_for_its_check(backend, traces):
+    # shard_map checks the step by tracing the program it runs; pmap cannot refuse outputs
+    # that differ across devices, so its check is a trace of its own under shard_map.
+    experiment = mlp_experiment()
+    loss_fn, seen = experiment.loss_fn, []
+
+    def counting_loss(*args):
+        seen.append(1)  # runs at each trace, not at each step
+        return loss_fn(*args)
+
+    counted = dataclasses.replace(experiment, loss_fn=counting_loss, eval_data=None)
+    result = fit(counted, toy_config(steps=4, backend=backend), stream=None)
+    assert result.step == 4 and len(seen) == traces

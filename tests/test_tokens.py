@@ -12,9 +12,9 @@ import pytest
 
 from experiments import gpt_lm
 from jaxdist import fit
+from jaxdist.base.config import apply_overrides
 from jaxdist.base.errors import UserError
 from jaxdist.checkpoints.identity import data_fingerprint
-from jaxdist.config import apply_overrides
 from jaxdist.data.tokens import (
     LLMC_MAGIC,
     TokenShard,

@@ -25,7 +25,7 @@ from jaxdist.data.row_random import RowRandom
 from jaxdist.data.sources import WEIGHT, Source, as_source, column
 
 if TYPE_CHECKING:
-    from jaxdist.config import Config
+    from jaxdist.base.config import Config
 
 Transform = Callable[[dict[str, np.ndarray], RowRandom], dict[str, np.ndarray]]
 

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdist.base.config import Config
 from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
 from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.saving import CheckpointWriter
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, record_saved_step
-from jaxdist.config import Config
 from jaxdist.data import DevicePrefetcher, eval_batches
 from jaxdist.loop.compile_cache import FirstStepTimer
 from jaxdist.loop.hooks import Hook, Run

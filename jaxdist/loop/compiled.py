@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdist.config import Config
+from jaxdist.base.config import Config
 from jaxdist.data import training_loader
 from jaxdist.loop.start import Start, prepare_run, step_options
 from jaxdist.parallel.backend import AXIS
@@ -111,9 +111,8 @@ def lower_train_step(experiment: Experiment, config: Config) -> tuple[Any, Start
     start = prepare_run(experiment, config, None, False, ())
     backend, layout = start.backend, start.layout
     sharded = layout.sharded_or_none
-    step = backend.compile(start.train_step, traced=True, sharded=sharded)
     state = backend.placed_shapes(layout.split_shapes(start.host_state), sharded)
-    return step.lower(state, backend.batch_shapes(start.loader.peek())), start
+    return start.train_step.lower(state, backend.batch_shapes(start.loader.peek())), start
 
 
 def lower_abstract_train_step(experiment: Experiment, config: Config) -> tuple[Any, Any]:

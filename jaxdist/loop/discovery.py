@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from jaxdist.base.errors import UserError
 
 if TYPE_CHECKING:
-    from jaxdist.config import Config
+    from jaxdist.base.config import Config
     from jaxdist.step.experiment import Experiment
 
 PACKAGE = "experiments"
@@ -68,7 +68,7 @@ def load(experiment: str, overrides: Sequence[str] = ()) -> tuple[Experiment, Co
 
     Returns (experiment, config): what `python -m jaxdist.run` trains, for Python.
     """
-    from jaxdist.config import apply_overrides
+    from jaxdist.base.config import apply_overrides
 
     module = load_experiment(experiment)
     config = apply_overrides(module.config(), list(overrides))

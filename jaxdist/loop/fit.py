@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from jaxdist.base.config import Config, flatten, to_dict, to_json
 from jaxdist.base.errors import UserError
 from jaxdist.base.files import write_text_atomically
 from jaxdist.base.pytree import PyTree
@@ -28,7 +29,6 @@ from jaxdist.checkpoints.integrity import MANIFEST, sha256_file
 from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.saving import CheckpointWriter
 from jaxdist.checkpoints.workdir import require_same_resume, require_same_workdir
-from jaxdist.config import Config, flatten, to_dict, to_json
 from jaxdist.data import DevicePrefetcher
 from jaxdist.loop.actions import SaveCheckpoints, default_hooks, window_of
 from jaxdist.loop.discovery import file_digest
@@ -139,13 +139,8 @@ def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
         return TrainResult(state, backend, config, logger.records, start.loader.state(),
                            start.step, "already_complete", checkpoint=start.checkpoint,
                            layout=layout)
-    # Both steps were traced, and so checked, before the first step (`prepare_run`).
-    sharded = layout.sharded_or_none
-    train_step = backend.compile(start.train_step, traced=True, sharded=sharded)
-    eval_step = None
-    if start.eval_step is not None:
-        eval_step = backend.compile(start.eval_step, donate_state=False, traced=True,
-                                    sharded=sharded)
+    # Both steps were compiled, and checked, before the first step (`prepare_run`).
+    train_step, eval_step = start.train_step, start.eval_step
     saves = None
     if start.store is not None:
         saves = SaveCheckpoints(start.store, CheckpointWriter(

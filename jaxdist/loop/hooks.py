@@ -16,9 +16,9 @@ from typing import Any
 
 import jax
 
+from jaxdist.base.config import Config
 from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
-from jaxdist.config import Config
 from jaxdist.loop.metrics import MetricsLogger, MetricWindow
 from jaxdist.parallel.backend import Backend
 from jaxdist.parallel.layout import StateLayout

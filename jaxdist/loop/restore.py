@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from jaxdist.base.config import EXPERIMENT_DIGEST_KEY, EXPERIMENT_KEY, Config, from_dict
 from jaxdist.base.errors import UserError
 from jaxdist.base.schema import check, load_json
 from jaxdist.checkpoints.store import CheckpointStore
-from jaxdist.config import EXPERIMENT_DIGEST_KEY, EXPERIMENT_KEY, Config, from_dict
 from jaxdist.loop.discovery import file_digest, is_file_reference, load_experiment, name_experiment
 from jaxdist.loop.start import initial_state
 from jaxdist.step.experiment import Experiment

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdist.base.config import Config, check_allowed_changes, resume_conflicts
+from jaxdist.base.config.checks import validate
 from jaxdist.base.errors import UserError
 from jaxdist.base.schema import load_json
 from jaxdist.checkpoints.identity import data_fingerprint, identity_differences
@@ -24,8 +26,6 @@ from jaxdist.checkpoints.integrity import RUN_META_SHAPE
 from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
-from jaxdist.config import Config, check_allowed_changes, resume_conflicts
-from jaxdist.config.checks import validate
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
 from jaxdist.parallel.backend import AXIS, Backend
 from jaxdist.parallel.backends import make_backend
@@ -69,7 +69,7 @@ class Start:
     host_state: TrainState
     layout: StateLayout  # how the state is split over the devices (parallel.shard)
     resumed: Resumed | None = None  # None for a fresh run
-    # The per-device steps, built once and traced (so checked) by `prepare_run`.
+    # The compiled steps, built once and checked (traced) by `prepare_run`.
     train_step: Callable | None = None
     eval_step: Callable | None = None
     workdir: Path | None = None
@@ -182,15 +182,15 @@ def _check_steps(experiment: Experiment, start: Start) -> None:
     _check_prefetch(start.loader, backend, config.loader.prefetch, batch)
     layout = start.layout
     state, sharded = layout.split_shapes(start.host_state), layout.sharded_or_none
-    start.train_step = train_step_fn(experiment, start)
-    start.backend.trace(start.train_step, state, batch, sharded)
+    start.train_step, _ = backend.compile_checked(train_step_fn(experiment, start), state,
+                                                  batch, sharded)
     if experiment.eval_data is None:
         return
-    start.eval_step = eval_step_fn(experiment, start)
     first = next(eval_batches(experiment.eval_data, config.train.batch_size,
                               backend.num_devices, process_index=jax.process_index(),
                               process_count=jax.process_count()))
-    sums = backend.trace(start.eval_step, state, first, sharded, returns_state=False)
+    start.eval_step, sums = backend.compile_checked(eval_step_fn(experiment, start), state,
+                                                    first, sharded, donate_state=False)
     names = [name for name in sums if name != WEIGHT_SUM]
     for key, metric in (("train.early_stopping.metric", config.train.early_stopping.metric),
                         ("checkpoint.best_metric", config.checkpoint.best_metric)):

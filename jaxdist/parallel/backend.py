@@ -80,7 +80,7 @@ def require_same_on_every_device(tree: PyTree, name: str) -> None:
             f"{listed}{more} differs across devices: it is computed from one device's rows "
             f"only, so a checkpoint would keep device 0's copy and a resumed run would differ; "
             f"combine it over devices with jax.lax.psum/pmean over axis '{AXIS}' (for "
-            f"BatchNorm, jaxdist.models.batchnorm.CrossReplicaBatchNorm)")
+            f"BatchNorm, jaxdist.step.models.batchnorm.CrossReplicaBatchNorm)")
 
 
 def replicated_step(step: StepFn, sharded: PyTree = None) -> StepFn:
@@ -242,6 +242,19 @@ class Backend:
             lambda x: jax.ShapeDtypeStruct((x.shape[0] * processes, *x.shape[1:]), x.dtype),
             batch)
         return self._trace_global(step, state_shapes, batch_shapes, sharded, returns_state)
+
+    def compile_checked(self, step: StepFn, state: PyTree, batch: PyTree,
+                        sharded: PyTree = None, donate_state: bool = True
+                        ) -> tuple[StepFn, PyTree]:
+        """`compile(step)`, checked before anything runs: (the compiled step, its output shapes).
+
+        The arguments are `trace`'s. Here the check is `trace` (under shard_map, which
+        refuses an output that may differ across devices) and the compiled step traces
+        again at its first call; a backend whose own program refuses such outputs checks by
+        tracing that program, so the step is traced once.
+        """
+        shapes = self.trace(step, state, batch, sharded, returns_state=donate_state)
+        return self.compile(step, donate_state, traced=True, sharded=sharded), shapes
 
     def checked_on_first_call(self, step: StepFn, mapped: StepFn, sharded: PyTree,
                               returns_state: bool) -> StepFn:

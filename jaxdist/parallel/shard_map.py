@@ -104,6 +104,14 @@ class ShardMapBackend(Backend):
                                in_specs=in_specs, out_specs=out_specs, check_vma=True)
         return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
+    def compile_checked(self, step: StepFn, state: PyTree, batch: PyTree,
+                        sharded: PyTree = None, donate_state: bool = True
+                        ) -> tuple[StepFn, PyTree]:
+        """`compile(step)` traced on the shapes it will run on: jit keeps that one trace."""
+        compiled = self.compile(step, donate_state, sharded=sharded)
+        return compiled, jax.eval_shape(compiled, self.placed_shapes(state, sharded),
+                                        self.batch_shapes(batch))
+
     def compile_per_example(self, fn: StepFn) -> StepFn:
         """`jax.jit(jax.shard_map(...))` with the outputs split along `batch` like the input."""
         return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),

@@ -11,7 +11,7 @@ parameters where they are stored whole).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,24 @@ import optax
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS
 
-if TYPE_CHECKING:
-    from jaxdist.parallel.layout import StateLayout
+
+class SplitLayout(Protocol):
+    """The collectives on chunks that a split strategy calls (`layout.StateLayout` has them)."""
+
+    def scatter_sum(self, grads: PyTree) -> PyTree:
+        """The chunks, on this device, of the sum over the devices of whole gradients."""
+
+    def own_params(self, params: PyTree) -> PyTree:
+        """The chunks of whole parameters that this device holds."""
+
+    def gather_params(self, chunks: PyTree) -> PyTree:
+        """Whole parameters from every device's chunks."""
+
+    def mask_padding(self, updates: PyTree) -> PyTree:
+        """Updates with the chunks' padding zeroed."""
+
+    def gathering_loss(self, loss: Callable, by_model: bool = False) -> Callable:
+        """`loss` taking this device's parameter chunks."""
 
 
 class Strategy:
@@ -63,7 +79,7 @@ class SplitOptimizer(Strategy):
 
     splits = True
 
-    def __init__(self, layout: StateLayout):
+    def __init__(self, layout: SplitLayout):
         self.layout = layout
 
     def reduce(self, grads: PyTree, accumulating: bool) -> PyTree:

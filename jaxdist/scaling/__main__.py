@@ -23,7 +23,7 @@ from jaxdist.base.cli import OneLineParser
 from jaxdist.base.errors import UserError, at_least
 
 if TYPE_CHECKING:
-    from jaxdist.config import Config
+    from jaxdist.base.config import Config
     from jaxdist.scaling.costmodel import Interconnect
     from jaxdist.scaling.study import Plan
     from jaxdist.step.experiment import Experiment
@@ -102,7 +102,7 @@ def _shown(value: float) -> str:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse a count below 1, a step goal beyond the step counter, epochs not finite > 0."""
-    from jaxdist.config.checks import MAX_STEPS
+    from jaxdist.base.config.checks import MAX_STEPS
 
     for option in ("devices_per_host", "max_devices", "steps", "per_device_batch",
                    "global_batch", "rounds", "window_steps"):
@@ -119,7 +119,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def check_epochs_goal(epochs: float, dataset_size: int, smallest_batch: int) -> None:
     """Refuse `--epochs` whose steps (at the smallest batch predicted for) no run can take."""
-    from jaxdist.config.checks import MAX_STEPS
+    from jaxdist.base.config.checks import MAX_STEPS
 
     steps = epochs * dataset_size / smallest_batch
     if not steps <= MAX_STEPS:

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdist.config import Config, apply_overrides
+from jaxdist.base.config import Config, apply_overrides
 from jaxdist.loop.start import prepare_run, step_options
 from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.dispatch import InFlightLimit
@@ -150,8 +150,7 @@ def step_programs(experiment: Experiment, config: Config, devices: int, global_b
     start = prepare_run(experiment, config, None, False, ())
     backend, c, layout = start.backend, start.config, start.layout
     host_batch = start.loader.peek()
-    step = backend.compile(start.train_step, traced=True, sharded=layout.sharded_or_none)
-    full = _step_program(step, layout.to_devices(backend, start.host_state),
+    full = _step_program(start.train_step, layout.to_devices(backend, start.host_state),
                          backend.put_batch(host_batch))
     # Outputs that differ across devices: the pmap backend without its replication check.
     # The compute is that of the unsplit step (parallel.shard only moves its collectives).

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from jaxdist.base.config import Config
 from jaxdist.base.errors import UserError, at_least
-from jaxdist.config import Config
 from jaxdist.data import as_source
 from jaxdist.loop.compiled import ring_traffic
 from jaxdist.scaling.costmodel import ComputeModel, StepModel, fit_compute, fit_ring

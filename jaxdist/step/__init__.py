@@ -1,5 +1,5 @@
 """The per-device step and its math.
 
 The train and eval steps built from an experiment's loss, the losses, optimizers and
-precision.
+precision, and the bundled flax models (`jaxdist.step.models`).
 """

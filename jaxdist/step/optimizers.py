@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdist.config import Config, OptimizerConfig
+from jaxdist.base.config import Config, OptimizerConfig
 from jaxdist.parallel.chunks import Chunks
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdist.models.batchnorm import CrossReplicaBatchNorm
+from jaxdist.step.models.batchnorm import CrossReplicaBatchNorm
 
 
 class BasicBlock(nn.Module):

@@ -1,7 +1,7 @@
 """Validating a config: every value has its field's type, and one that makes sense.
 
 `validate` is what every path into a run (the command line, a saved config, a config
-changed in Python) passes through; `jaxdist.config` calls it after applying overrides.
+changed in Python) passes through; `jaxdist.base.config` calls it after applying overrides.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from jaxdist.base.errors import UserError, at_least
 
-Config = Any  # a jaxdist.config.Config (not imported: that module imports this one)
+Config = Any  # a jaxdist.base.config.Config (not imported: that module imports this one)
 
 # The step counter is an int32 on the devices.
 MAX_STEPS = 2**31 - 1

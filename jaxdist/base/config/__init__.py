@@ -4,9 +4,9 @@ Its sections, `KEY=VALUE` overrides, JSON, validation and the keys a resumed run
 The names below are the package's public ones.
 """
 
-from jaxdist.config.checks import MAX_STEPS, validate
-from jaxdist.config.overrides import apply_overrides, describe_keys, leaf_keys, parse_value
-from jaxdist.config.saved import (
+from jaxdist.base.config.checks import MAX_STEPS, validate
+from jaxdist.base.config.overrides import apply_overrides, describe_keys, leaf_keys, parse_value
+from jaxdist.base.config.saved import (
     EXPERIMENT_DIGEST_KEY,
     EXPERIMENT_KEY,
     RESUMABLE_KEYS,
@@ -17,7 +17,7 @@ from jaxdist.config.saved import (
     to_dict,
     to_json,
 )
-from jaxdist.config.sections import (
+from jaxdist.base.config.sections import (
     ALIASES,
     CheckpointConfig,
     Config,

@@ -2,7 +2,7 @@
 
 A config is a tree of dataclasses. The core sections are defined here; an experiment may
 add its own dataclasses under `model` and `data`. Every leaf has a type annotation, by
-which an override is parsed (`jaxdist.config.overrides`).
+which an override is parsed (`jaxdist.base.config.overrides`).
 """
 
 from __future__ import annotations

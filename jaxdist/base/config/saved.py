@@ -7,10 +7,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxdist.base.config.checks import validate
+from jaxdist.base.config.overrides import deep_copy, leaf_keys, unknown_key_message
+from jaxdist.base.config.sections import Config
 from jaxdist.base.errors import UserError
-from jaxdist.config.checks import validate
-from jaxdist.config.overrides import deep_copy, leaf_keys, unknown_key_message
-from jaxdist.config.sections import Config
 
 
 def to_dict(config: Config) -> dict[str, Any]:

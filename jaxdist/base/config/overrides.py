@@ -12,9 +12,9 @@ import types
 import typing
 from typing import Any, Literal
 
+from jaxdist.base.config.checks import validate
+from jaxdist.base.config.sections import ALIASES, Config
 from jaxdist.base.errors import UserError, choose_one_of
-from jaxdist.config.checks import validate
-from jaxdist.config.sections import ALIASES, Config
 
 
 def leaf_keys(config: Any, prefix: str = "") -> list[str]:
