@@ -220,9 +220,14 @@ def run_params_shapes(config):
 
 @functools.cache
 def compiled_gpt_step(backend, shard):
-    """gpt_lm tiny's compiled train step (shared by the tests that read it)."""
-    config = apply_overrides(gpt.tiny_config(), [f"parallel.backend={backend}",
-                                                 f"parallel.shard={shard}"])
+    """gpt_lm tiny's compiled train step (shared by the tests that read it).
+
+    With `run`'s settings for gpt_lm, so that on shard_map the program is the one its runs
+    compile (read back from the compilation cache by whichever comes second).
+    """
+    config = apply_overrides(gpt.tiny_config(), [
+        *OPTIMIZERS["lamb"], f"train.steps={STEPS}", "train.log_every=20",
+        f"parallel.backend={backend}", f"parallel.shard={shard}"])
     lowered, _ = lower_train_step(gpt.build(config), config)
     return lowered.compile()
 
@@ -233,7 +238,7 @@ def test_split_state_takes_less_memory_per_device():
     sizes = {shard: compiled_gpt_step("shard_map", shard).memory_analysis()
              .argument_size_in_bytes for shard in SHARDS}
     params = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(run_params_shapes(config)))
-    # AdamW: params + 2 moments = 3 copies; split over 8 devices as the shard says.
+    # LAMB: params + 2 moments = 3 copies; split over 8 devices as the shard says.
     assert sizes["none"] - sizes["optimizer"] == pytest.approx(2 * params * 7 / 8, rel=0.02)
     assert sizes["gradients"] == sizes["optimizer"]
     assert sizes["optimizer"] - sizes["params"] == pytest.approx(params * 7 / 8, rel=0.02)
@@ -322,9 +327,12 @@ def test_an_unknown_shard_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "parallel.shard" in lines[0] and "params" in lines[0]
 
 
-DIGITS_CLI = ["digits_cnn", "train.batch_size=64", "train.log_every=5", "train.eval_every=10",
-              "model.channels1=8", "model.channels2=16", "optimizer.schedule=constant",
-              "optimizer.clip_norm=0.5", "train.checkpoint_every=10"]
+# Adam, so that the optimizer state has leaves to split; clipping, so that the global norm
+# is taken over chunks on two processes; a constant rate, because a decay's horizon would
+# be the first run's train.steps.
+SPLIT_CLI = ["linear_regression", "optimizer.name=adam", "optimizer.learning_rate=0.05",
+             "optimizer.clip_norm=0.5", "optimizer.schedule=constant", "train.batch_size=64",
+             "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10"]
 
 
 def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path):
@@ -333,14 +341,14 @@ def test_two_processes_of_four_devices_split_and_resume_as_one_of_eight(tmp_path
     from tests.test_multihost import launch, records, single_records
 
     for steps, backend, shard in ((10, "pmap", "params"), (20, "shard_map", "optimizer")):
-        two = launch(*DIGITS_CLI, f"parallel.backend={backend}", f"parallel.shard={shard}",
+        two = launch(*SPLIT_CLI, f"parallel.backend={backend}", f"parallel.shard={shard}",
                      f"train.steps={steps}", "--workdir", str(tmp_path / "two"))
         assert two.returncode == 0, two.stderr[-2000:]
         state = next((tmp_path / "two" / "checkpoints").glob(f"step_*{steps}")) / "state"
         assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
     assert "resumed from" in two.stdout
     a = records(tmp_path / "two")
-    b = single_records(*DIGITS_CLI, "parallel.shard=none", "train.steps=20",
+    b = single_records(*SPLIT_CLI, "parallel.shard=none", "train.steps=20",
                        workdir=tmp_path / "one")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert len(a) == 6
