@@ -189,20 +189,24 @@ def test_optimizer_state_that_follows_the_params_is_split_and_the_rest_is_not():
     assert not any(jax.tree.leaves(layout.sharded.params))
 
 
-@pytest.mark.xdist_group("compiled_gpt_step")  # shares its compiled programs
+# The HLO tests read, per backend, the programs of the matrix's split runs (`run`): whichever
+# of them comes second reads them back from the session's compilation cache.
+RUN_OF = {backend: (experiment, optimizer) for experiment, optimizer, backend in MATRIX}
+
+
+@pytest.mark.xdist_group("sharding_runs")  # reads the programs of those runs
 @pytest.mark.parametrize("backend", ["pmap", "shard_map"])
 def test_the_split_steps_reduce_scatter_and_all_gather_instead_of_all_reducing(backend):
-    config = apply_overrides(gpt.tiny_config(), [f"parallel.backend={backend}"])
     found, traffic = {}, {}
     for shard in SHARDS:
-        text = compiled_gpt_step(backend, shard).as_text()
+        compiled, params = compiled_step(backend, shard)
+        text = compiled.as_text()
         traffic[shard] = ring_traffic(text, 8)
         kinds: dict[str, int] = {}
         for instruction in collectives(text):
             op = instruction.op.removesuffix("-start")
             kinds[op] = kinds.get(op, 0) + instruction.elements
         found[shard] = kinds
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run_params_shapes(config)))
     allreduce = 2 * 7 / 8 * 4 * params  # bytes a ring all-reduce of the gradient sends
     for shard in SHARDS:  # the same bytes: all-reduce = reduce-scatter + all-gather
         assert traffic[shard] / allreduce == pytest.approx(1.0, rel=0.01), shard
@@ -214,31 +218,26 @@ def test_the_split_steps_reduce_scatter_and_all_gather_instead_of_all_reducing(b
         assert kinds.get("all-reduce", 0) < params // 100, (shard, kinds)
 
 
-def run_params_shapes(config):
-    return jax.eval_shape(gpt.build(config).init_params, jax.random.key(0))
-
-
 @functools.cache
-def compiled_gpt_step(backend, shard):
-    """gpt_lm tiny's compiled train step (shared by the tests that read it).
-
-    With `run`'s settings for gpt_lm, so that on shard_map the program is the one its runs
-    compile (read back from the compilation cache by whichever comes second).
-    """
-    config = apply_overrides(gpt.tiny_config(), [
-        *OPTIMIZERS["lamb"], f"train.steps={STEPS}", "train.log_every=20",
+def compiled_step(backend, shard):
+    """The compiled train step of `RUN_OF[backend]`'s run with `shard`, and its parameters."""
+    name, optimizer = RUN_OF[backend]
+    module, settings = EXPERIMENTS[name]
+    config = apply_overrides(module.tiny_config(), [
+        *settings, *OPTIMIZERS[optimizer], f"train.steps={STEPS}", "train.log_every=20",
         f"parallel.backend={backend}", f"parallel.shard={shard}"])
-    lowered, _ = lower_train_step(gpt.build(config), config)
-    return lowered.compile()
+    experiment = module.build(config)
+    lowered, _ = lower_train_step(experiment, config)
+    shapes = jax.eval_shape(experiment.init_params, jax.random.key(0))
+    return lowered.compile(), sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
-@pytest.mark.xdist_group("compiled_gpt_step")  # shares its compiled programs
+@pytest.mark.xdist_group("sharding_runs")  # reads the programs of those runs
 def test_split_state_takes_less_memory_per_device():
-    config = apply_overrides(gpt.tiny_config(), ["parallel.backend=shard_map"])
-    sizes = {shard: compiled_gpt_step("shard_map", shard).memory_analysis()
+    sizes = {shard: compiled_step("shard_map", shard)[0].memory_analysis()
              .argument_size_in_bytes for shard in SHARDS}
-    params = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(run_params_shapes(config)))
-    # LAMB: params + 2 moments = 3 copies; split over 8 devices as the shard says.
+    params = 4 * compiled_step("shard_map", "none")[1]  # bytes of float32 parameters
+    # AdamW or LAMB: params + 2 moments = 3 copies; split over 8 devices as the shard says.
     assert sizes["none"] - sizes["optimizer"] == pytest.approx(2 * params * 7 / 8, rel=0.02)
     assert sizes["gradients"] == sizes["optimizer"]
     assert sizes["optimizer"] - sizes["params"] == pytest.approx(params * 7 / 8, rel=0.02)
