@@ -38,14 +38,20 @@ EXPERIMENTS = {"digits_cnn": (digits, ["optimizer.clip_norm=0.5"]), "gpt_lm": (g
 OPTIMIZERS = {"adamw_clip": [], "lamb": ["optimizer.name=lamb", "optimizer.weight_decay=0.01"]}
 
 
+def run_config(experiment: str, optimizer: str, backend: str, shard: str, steps: int,
+               extra: tuple[str, ...] = ()):
+    """The experiment's module and the config of `run` (the HLO tests lower the same one)."""
+    module, settings = EXPERIMENTS[experiment]
+    return module, apply_overrides(module.tiny_config(), [
+        *settings, *OPTIMIZERS[optimizer], f"train.steps={steps}", "train.log_every=20",
+        f"parallel.backend={backend}", f"parallel.shard={shard}", *extra])
+
+
 @functools.cache
 def run(experiment: str, optimizer: str, backend: str, shard: str, steps: int = 200,
         extra: tuple[str, ...] = ()):
     """Train (no evaluation: only training is compared) and return (train history, params)."""
-    module, settings = EXPERIMENTS[experiment]
-    config = apply_overrides(module.tiny_config(), [
-        *settings, *OPTIMIZERS[optimizer], f"train.steps={steps}", "train.log_every=20",
-        f"parallel.backend={backend}", f"parallel.shard={shard}", *extra])
+    module, config = run_config(experiment, optimizer, backend, shard, steps, extra)
     result = fit(dataclasses.replace(module.build(config), eval_data=None), config, stream=None)
     return result.history("train"), result.params
 
@@ -221,11 +227,7 @@ def test_the_split_steps_reduce_scatter_and_all_gather_instead_of_all_reducing(b
 @functools.cache
 def compiled_step(backend, shard):
     """The compiled train step of `RUN_OF[backend]`'s run with `shard`, and its parameters."""
-    name, optimizer = RUN_OF[backend]
-    module, settings = EXPERIMENTS[name]
-    config = apply_overrides(module.tiny_config(), [
-        *settings, *OPTIMIZERS[optimizer], f"train.steps={STEPS}", "train.log_every=20",
-        f"parallel.backend={backend}", f"parallel.shard={shard}"])
+    module, config = run_config(*RUN_OF[backend], backend, shard, STEPS)
     experiment = module.build(config)
     lowered, _ = lower_train_step(experiment, config)
     shapes = jax.eval_shape(experiment.init_params, jax.random.key(0))
