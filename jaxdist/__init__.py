@@ -25,10 +25,12 @@ _WHERE = {
     "make_train_step": "jaxdist.step.steps",
     "UserError": "jaxdist.base.errors", "load": "jaxdist.loop.discovery",
     "use_cpu_devices": "jaxdist.parallel.devices",
+    "from_nnx": "jaxdist.step.adapters.nnx", "from_equinox": "jaxdist.step.adapters.equinox",
 }
 __all__ = [
     "Backend", "Config", "Experiment", "ExplainSpec", "OptimizerConfig", "ParallelConfig",
-    "TrainConfig", "TrainResult", "TrainState", "UserError", "fit", "load", "make_backend",
+    "TrainConfig", "TrainResult", "TrainState", "UserError", "fit", "from_equinox", "from_nnx",
+    "load", "make_backend",
     "make_eval_step", "make_train_step", "use_cpu_devices",
 ]
 
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
     from jaxdist.parallel.backend import Backend
     from jaxdist.parallel.backends import make_backend
     from jaxdist.parallel.devices import use_cpu_devices
+    from jaxdist.step.adapters.equinox import from_equinox
+    from jaxdist.step.adapters.nnx import from_nnx
     from jaxdist.step.experiment import Experiment, ExplainSpec
     from jaxdist.step.steps import TrainState, make_eval_step, make_train_step
 

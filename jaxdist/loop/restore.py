@@ -42,6 +42,15 @@ class RestoredRun:
         """The checkpoint's model state (e.g. BatchNorm statistics), or None."""
         return self.state.model_state
 
+    @property
+    def module(self) -> Any:
+        """The user's own module holding the checkpoint's params (evaluation mode).
+
+        For an experiment of `jaxdist.from_nnx` or `jaxdist.from_equinox`; None otherwise.
+        """
+        module_of = self.experiment.module_of
+        return None if module_of is None else module_of(self.params, self.model_state)
+
 
 def restore_run(workdir: Path, checkpoint: Literal["newest", "best"] = "newest",
                 experiment: str | None = None, trust_workdir: bool = False) -> RestoredRun:

@@ -33,6 +33,7 @@ from jaxdist.parallel.devices import free_memory_per_device
 from jaxdist.parallel.layout import StateLayout, check_shard
 from jaxdist.parallel.processes import is_primary
 from jaxdist.step.experiment import Experiment
+from jaxdist.step.leaves import check_loss_closure, check_model_state, check_params
 from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
 from jaxdist.step.steps import WEIGHT_SUM, StepOptions, TrainState, make_eval_step, make_train_step
 
@@ -112,6 +113,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
     if t.early_stopping.patience and experiment.eval_data is None:
         raise UserError("train.early_stopping.patience needs evaluation data, and this "
                         "experiment has none; set train.early_stopping.patience=0")
+    check_loss_closure(experiment.loss_fn)
     backend = make_backend(config.parallel.backend, config.parallel.devices)
     check_shard(config.parallel.shard)
     splits = config.parallel.shard != "none" and len(backend.global_devices) > 1
@@ -205,8 +207,10 @@ def initial_state(experiment: Experiment, config: Config, tx: Any) -> TrainState
     """A run's state at step 0, on the host: params, optimizer state, root key, model state."""
     init_key, state_key, train_key = jax.random.split(jax.random.key(config.train.seed), 3)
     model_state = experiment.init_model_state(state_key) if experiment.has_state else None
-    return jax.device_get(TrainState.create(experiment.init_params(init_key), tx, train_key,
-                                            model_state))
+    params = experiment.init_params(init_key)
+    check_params(params)
+    check_model_state(model_state)
+    return jax.device_get(TrainState.create(params, tx, train_key, model_state))
 
 
 def step_options(experiment: Experiment, config: Config) -> StepOptions:

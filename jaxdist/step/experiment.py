@@ -77,6 +77,9 @@ class Experiment:
       `jaxdist.parallel.chunks.gather_where_used` (inside `nn.remat`, so that the backward pass
       gathers again and at most one layer's weights are whole). False (the default): the
       step gathers them all before calling them.
+    - `module_of(params, model_state) -> module`: the user's own module (evaluation mode)
+      holding these params, set by `jaxdist.from_nnx` and `jaxdist.from_equinox` (None for
+      linen and plain functions, whose params are the model's own tree).
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -91,6 +94,7 @@ class Experiment:
     source: str = ""
     explain: ExplainSpec | None = None
     gathers_params: bool = False
+    module_of: Callable[[PyTree, PyTree], Any] | None = None
 
     @property
     def has_state(self) -> bool:

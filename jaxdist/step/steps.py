@@ -36,6 +36,7 @@ from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, mark_varying, require_same_on_every_device
 from jaxdist.parallel.strategies import Strategy
+from jaxdist.step.leaves import check_same_structure
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -210,6 +211,7 @@ class TrainStep:
         losses, aux, new_state = self.loss(params, model_state, batch, rng)
         sums = _weighted_sums(losses, aux, batch["weight"])
         if self.has_state:
+            check_same_structure(new_state, model_state)
             require_same_on_every_device(new_state, "model_state")
             # One scalar psum: a batch that is all padding on every device changes nothing.
             seen = self.strategy.total(sums[WEIGHT_SUM]) > 0

@@ -1,0 +1,205 @@
+"""Flax NNX and equinox models through `jaxdist.from_nnx` / `jaxdist.from_equinox`.
+
+Each property the linen experiments are held to, for both libraries, on the bundled
+`digits_nnx` (a CNN with cross-replica BatchNorm and Dropout) and `digits_equinox`: 8
+devices train as 1, pmap as shard_map, every `parallel.shard` as none, a run stopped by
+SIGTERM resumes bit for bit, bf16 computes every matmul in bf16, `python -m
+jaxdist.explain` explains the run, and the library's own tools read the checkpoint back
+into the user's module.
+"""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import experiments.digits_equinox as digits_equinox
+import experiments.digits_nnx as digits_nnx
+from jaxdist import fit, load
+from jaxdist.base.config import apply_overrides
+from jaxdist.loop.hooks import Hook
+from jaxdist.loop.metrics import TIMING_KEYS
+from jaxdist.loop.restore import restore_run
+from jaxdist.step.precision import compute_dtype
+from tests.test_precision import heavy_op_operand_types
+
+pytestmark = pytest.mark.slow  # trains end to end
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {"nnx": digits_nnx, "equinox": digits_equinox}
+LIBRARIES = list(MODULES)
+SMALL = ("train.batch_size=64", "train.log_every=2", "train.eval_every=0",
+         "model.channels1=4", "model.channels2=8", "model.dense=16",
+         "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2")
+
+
+def small_config(library, *extra, steps=8):
+    return apply_overrides(MODULES[library].config(), [*SMALL, f"train.steps={steps}", *extra])
+
+
+@functools.cache
+def run(library, *extra):
+    """Train the small model (no evaluation); return its train history and params."""
+    config = small_config(library, *extra)
+    experiment = MODULES[library].build(config)
+    experiment.eval_data = None
+    result = fit(experiment, config, stream=None)
+    return result.history("train"), result.params
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    (history_a, params_a), (history_b, params_b) = a, b
+    assert history_a.keys() == history_b.keys()
+    for name in set(history_a) - set(TIMING_KEYS):
+        np.testing.assert_allclose(history_a[name], history_b[name], rtol=rtol, err_msg=name)
+    leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
+    assert len(leaves_a) == len(leaves_b) > 4
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.xdist_group("adapter_runs")
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_eight_devices_train_as_one(library):
+    # Without dropout: its masks are drawn per device, so they differ with the count.
+    assert_same_run(run(library, "model.dropout=0", "parallel.devices=1"),
+                    run(library, "model.dropout=0"))
+
+
+@pytest.mark.xdist_group("adapter_runs")
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_pmap_and_shard_map_train_alike(library):
+    assert_same_run(run(library, "parallel.backend=shard_map"), run(library))
+
+
+@pytest.mark.xdist_group("adapter_runs")
+@pytest.mark.parametrize("shard", ["optimizer", "gradients", "params"])
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_every_split_trains_as_the_replicated_run(library, shard):
+    assert_same_run(run(library, f"parallel.shard={shard}"), run(library))
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_bf16_runs_every_convolution_and_matmul_in_bf16(library):
+    module = MODULES[library]
+    fp32 = heavy_op_operand_types(module, small_config(library))
+    bf16 = heavy_op_operand_types(module, small_config(library, "train.precision=bf16"))
+    assert len(bf16) == len(fp32) >= 6  # forward and backward of 2 convs and 2 dense layers
+    assert all("bf16" not in operands for operands in fp32)
+    assert not [operands for operands in bf16 if "f32" in operands], bf16
+
+
+class SigtermAfter(Hook):
+    """Send this process SIGTERM after step `step`, as a cluster's scheduler would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, run, sums):
+        if run.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def metrics_lines(workdir):
+    return (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.fixture(scope="module", params=LIBRARIES)
+def resumed(request, tmp_path_factory):
+    """A run stopped by SIGTERM after step 5 and resumed to 10, and the same run unbroken."""
+    library = request.param
+    folder = tmp_path_factory.mktemp(library)
+    overrides = [*SMALL, "train.steps=10", "train.checkpoint_every=0"]
+    experiment, config = load(f"digits_{library}", overrides)
+    whole = fit(experiment, config, folder / "whole", stream=None)
+    experiment, config = load(f"digits_{library}", overrides)
+    stopped = fit(experiment, config, folder / "split", stream=None, hooks=[SigtermAfter(5)])
+    experiment, config = load(f"digits_{library}", overrides)
+    finished = fit(experiment, config, folder / "split", stream=None)
+    return library, folder, whole, stopped, finished
+
+
+def test_a_run_stopped_by_sigterm_resumes_bit_for_bit(resumed):
+    library, folder, whole, stopped, finished = resumed
+    assert stopped.stop_reason == "preempted" and 5 <= stopped.step < 10
+    assert finished.stop_reason == "completed" and finished.step == 10
+    at = stopped.step
+    after = [line for line in metrics_lines(folder / "split") if json.loads(line)["step"] > at]
+    expected = [line for line in metrics_lines(folder / "whole")
+                if json.loads(line)["step"] > at]
+    assert after == expected and len(after) >= 3
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(finished.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def final_eval(workdir):
+    return [json.loads(line) for line in metrics_lines(workdir)
+            if json.loads(line)["split"] == "eval"][-1]
+
+
+def deep_merge(a, b):
+    merged = dict(a)
+    for key, value in b.items():
+        merged[key] = deep_merge(a[key], value) if key in a else value
+    return merged
+
+
+def test_the_librarys_own_tools_read_the_checkpoint_into_the_users_module(resumed):
+    library, folder, whole, _, _ = resumed
+    checkpoint = folder / "whole" / "checkpoints" / "step_00000010" / "state"
+    config = small_config(library, steps=10)
+    m, dtype = config.model, compute_dtype("fp32")
+    test = digits_nnx.load_split()[1]
+    if library == "nnx":
+        # Plain orbax, then NNX's own functions: no jaxdist code reads it back.
+        saved = ocp.StandardCheckpointer().restore(checkpoint)
+        model = digits_nnx.CNN(m, dtype, nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        nnx.replace_by_pure_dict(state, deep_merge(saved["params"], saved["model_state"]))
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        logits = model(test["image"], jnp.ones(len(test["label"])))
+    else:
+        restored = restore_run(folder / "whole")
+        static = eqx.partition(digits_equinox.CNN(m, jax.random.key(1)), eqx.is_array)[1]
+        model = eqx.nn.inference_mode(eqx.combine(restored.params, static))
+        logits = jax.vmap(model)(test["image"], None)
+        assert jax.tree.structure(restored.module) == jax.tree.structure(model)
+    logged = final_eval(folder / "whole")
+    accuracy = np.mean(np.argmax(logits, axis=-1) == test["label"])
+    assert accuracy == pytest.approx(logged["accuracy"], abs=1e-6)
+    losses = -jax.nn.log_softmax(logits)[np.arange(len(logits)), test["label"]]
+    assert float(np.mean(losses)) == pytest.approx(logged["loss"], rel=1e-5)
+
+
+def test_the_explain_command_explains_the_run(resumed):
+    library, folder, _, _, _ = resumed
+    result = subprocess.run([sys.executable, "-m", "jaxdist.explain", str(folder / "whole"),
+                             "--examples", "6", "--method", "ig", "--steps", "128"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = np.load(folder / "whole" / "explain" / "attributions.npz")
+    assert saved["attributions"].shape == saved["inputs"].shape == (6, 8, 8)
+    # The predictions explained are the trained module's own, on the same images.
+    module = restore_run(folder / "whole").module
+    if library == "nnx":
+        logits = module(jnp.asarray(saved["inputs"]), jnp.ones(6))
+    else:
+        logits = jax.vmap(module)(jnp.asarray(saved["inputs"]), None)
+    np.testing.assert_array_equal(saved["predictions"], np.argmax(logits, axis=-1))
+    # Completeness: the attributions add up to the change of the explained score.
+    np.testing.assert_allclose(saved["attributions"].reshape(6, -1).sum(axis=1),
+                               saved["scores"] - saved["baseline_scores"], rtol=0.05,
+                               atol=1e-3)
