@@ -24,6 +24,8 @@ TARGETS = {
     "linear_regression": ("loss", "<= 2862.56 (lstsq 2859.70 + 0.1%)",
                           lambda v, s: v <= 2859.70 * 1.001),
     "digits_cnn": ("accuracy", ">= 0.975 within 20 s", lambda v, s: v >= 0.975 and s <= 20),
+    "digits_nnx": ("accuracy", ">= 0.99", lambda v, s: v >= 0.99),
+    "digits_equinox": ("accuracy", ">= 0.99", lambda v, s: v >= 0.99),
     "digits_mlp": ("accuracy", "none (scikit-learn's SVC: 0.969)", None),
     "digits_imbalanced": ("recall_8", "none (see the table below)", None),
     "cifar_resnet": ("accuracy", ">= 0.95 (synthetic set)", lambda v, s: v >= 0.95),

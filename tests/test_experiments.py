@@ -12,8 +12,8 @@ EXPERIMENTS = sorted(list_experiments())
 
 
 def test_the_promised_experiments_are_there():
-    for name in ["linear_regression", "digits_cnn", "digits_mlp", "digits_imbalanced",
-                 "cifar_resnet", "gpt_lm"]:
+    for name in ["linear_regression", "digits_cnn", "digits_nnx", "digits_equinox",
+                 "digits_mlp", "digits_imbalanced", "cifar_resnet", "gpt_lm"]:
         assert name in EXPERIMENTS
 
 
