@@ -30,6 +30,10 @@ in the backward pass, instead of keeping all `[batch, time, vocab]` of them (0, 
 `model.remat=block` recomputes each transformer block in the backward pass instead of
 keeping its activations, and `dots` all but its Dense layers' outputs (`none`, the default).
 
+`model.library=nnx` trains the same model written in Flax NNX
+(`jaxdist.step.models.nnx_gpt`, through `jaxdist.from_nnx`), with every lever above,
+`parallel.shard=params` (each block gathering its own weights) and `train.precision=bf16`.
+
 Command:   python -m jaxdist.run gpt_lm
 Runtime:   about 145 s on a 2-core CPU with 8 fake devices (tiny, 600 steps of 32 x 128 bytes,
            two evaluations over the 1835 held-out windows).
@@ -68,6 +72,7 @@ class GPTModelConfig:
     attention: Literal["xla", "cudnn"] = "xla"  # cudnn: flash attention (NVIDIA GPU, bf16)
     loss_chunk: int = 0  # >0: the loss over this many positions' logits at a time; 0: all
     remat: Literal["none", "block", "dots"] = "none"  # what the backward pass recomputes
+    library: Literal["linen", "nnx"] = "linen"  # the same GPT written in Flax linen or NNX
 
 
 @dataclass
@@ -152,6 +157,49 @@ def byte_windows(text: np.ndarray, length: int, what: str, fix: str) -> ByteWind
     return ByteWindows(text, length)
 
 
+def sequence_losses(forward, embedding, tokens, loss_chunk: int, bits_per: str):
+    """Each window's mean next-token loss, and its bits: from all the logits, or by chunks.
+
+    `forward(inputs, hidden)` runs the model (the final hidden states when `hidden`, else
+    the logits); `embedding()` is the tied embedding matrix, for the chunked loss.
+    """
+    targets = tokens[:, 1:]
+    if loss_chunk:
+        losses = chunked_cross_entropy(forward(tokens[:, :-1], True), embedding(), targets,
+                                       loss_chunk)
+    else:
+        logits = forward(tokens[:, :-1], False)
+        losses = cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1)).reshape(targets.shape)
+    losses = losses.mean(axis=1)
+    return losses, {bits_per: losses / math.log(2)}
+
+
+def nnx_gpt_experiment(m: GPTModelConfig, size, precision: str, train, held_out,
+                       bits_per: str) -> Experiment:
+    """The same GPT written in Flax NNX (`model.library=nnx`), through `jaxdist.from_nnx`."""
+    from jaxdist import from_nnx
+    from jaxdist.step.models.nnx_gpt import GPT as NnxGPT
+    from jaxdist.step.models.nnx_gpt import whole
+
+    def make_model(rngs):
+        return NnxGPT(m.vocab_size, size, m.dropout, compute_dtype(precision), m.attention,
+                      m.remat, rngs=rngs)
+
+    def loss_fn(model, batch):
+        return sequence_losses(lambda inputs, hidden: model(inputs, return_hidden=hidden),
+                               lambda: whole(model.wte).embedding.get_value(),
+                               batch["tokens"], m.loss_chunk, bits_per)
+
+    explain = ExplainSpec(input="tokens", kind="text",
+                          output=lambda model, embeddings: model(
+                              None, embeddings=embeddings)[:, -1],
+                          features=lambda model, tokens: model.wte.embedding.get_value()[
+                              tokens[:, :-1]])
+    return from_nnx(make_model, loss_fn, train_data=train, eval_data=held_out,
+                    precision=precision, explain=explain, gathers_params=True)
+
+
 def build(config: Config) -> Experiment:
     """The GPT, the byte windows of the text, and the next-byte loss."""
     m, d = config.model, config.data
@@ -171,23 +219,17 @@ def build(config: Config) -> Experiment:
         train = byte_windows(text[:split], length, "the training text", fix)
         held_out = byte_windows(text[split:], length, "the held-out text", fix)
     bits_per = "bits_per_token" if d.tokens else "bits_per_byte"
+    if m.library == "nnx":
+        return nnx_gpt_experiment(m, size, precision, train, held_out, bits_per)
     model = GPT(vocab_size=m.vocab_size, size=size, dropout=m.dropout,
                 dtype=compute_dtype(precision), attention=m.attention, remat=m.remat)
 
     def per_sequence(params, tokens, **apply):
-        """Each window's mean next-token loss: from all the logits, or chunk by chunk."""
-        targets = tokens[:, 1:]
-        if m.loss_chunk:
-            hidden = model.apply({"params": params}, tokens[:, :-1], return_hidden=True,
-                                 **apply)
-            losses = chunked_cross_entropy(hidden, params["wte"]["embedding"], targets,
-                                           m.loss_chunk)
-        else:
-            logits = model.apply({"params": params}, tokens[:, :-1], **apply)
-            losses = cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                   targets.reshape(-1)).reshape(targets.shape)
-        losses = losses.mean(axis=1)
-        return losses, {bits_per: losses / math.log(2)}
+        """Each window's mean next-token loss and its bits, from the linen model."""
+        return sequence_losses(
+            lambda inputs, hidden: model.apply({"params": params}, inputs,
+                                               return_hidden=hidden, **apply),
+            lambda: params["wte"]["embedding"], tokens, m.loss_chunk, bits_per)
 
     def init_params(rng):
         dummy = jnp.zeros((1, size.seq_len), jnp.int32)

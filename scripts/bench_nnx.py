@@ -44,7 +44,6 @@ def main() -> None:
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 

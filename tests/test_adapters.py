@@ -5,7 +5,9 @@ Each property the linen experiments are held to, for both libraries, on the bund
 devices train as 1, pmap as shard_map, every `parallel.shard` as none, a run stopped by
 SIGTERM resumes bit for bit, bf16 computes every matmul in bf16, `python -m
 jaxdist.explain` explains the run, and the library's own tools read the checkpoint back
-into the user's module.
+into the user's module. And the NNX GPT of `gpt_lm model.library=nnx`: the linen GPT's
+logits from the same weights, the linen GPT's program under `parallel.shard=params` with
+`model.remat`, and bf16 matmuls.
 """
 
 import functools
@@ -26,11 +28,15 @@ from flax import nnx
 
 import experiments.digits_equinox as digits_equinox
 import experiments.digits_nnx as digits_nnx
+import experiments.gpt_lm as gpt_lm
 from jaxdist import fit, load
 from jaxdist.base.config import apply_overrides
+from jaxdist.loop.compiled import collectives, lower_train_step
 from jaxdist.loop.hooks import Hook
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.loop.restore import restore_run
+from jaxdist.step.models.gpt import GPT, SIZES
+from jaxdist.step.models.nnx_gpt import GPT as NnxGPT
 from jaxdist.step.precision import compute_dtype
 from tests.test_precision import heavy_op_operand_types
 
@@ -203,3 +209,67 @@ def test_the_explain_command_explains_the_run(resumed):
     np.testing.assert_allclose(saved["attributions"].reshape(6, -1).sum(axis=1),
                                saved["scores"] - saved["baseline_scores"], rtol=0.05,
                                atol=1e-3)
+
+
+# --- the NNX GPT (gpt_lm model.library=nnx) -------------------------------------------------
+
+GPT_SMALL = ("train.steps=4", "train.batch_size=8", "train.log_every=2",
+             "parallel.backend=shard_map")
+
+
+def gpt_config(*extra):
+    return apply_overrides(gpt_lm.tiny_config(), [*GPT_SMALL, *extra])
+
+
+def test_the_nnx_gpt_computes_the_linen_gpts_logits_from_the_same_weights():
+    size = SIZES["tiny"]
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
+    linen = GPT(vocab_size=256, size=size)
+    params = linen.init(jax.random.key(0), tokens, train=False)["params"]
+    want = linen.apply({"params": params}, tokens, train=False)
+    model = NnxGPT(256, size, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    blocks = {i: params[f"block{i}"] for i in range(size.layers)}
+    nnx.replace_by_pure_dict(state, {**{k: v for k, v in params.items()
+                                        if not k.startswith("block")}, "blocks": blocks})
+    got = nnx.merge(graphdef, state)(tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("levers", [("model.remat=block", "parallel.shard=params")],
+                         ids=["remat_block_shard_params"])
+def test_the_nnx_gpt_compiles_to_the_linen_gpts_program(levers):
+    """Each block gathers its own weights, as linen's do: the same collectives, memory."""
+    found = {}
+    for library in ("linen", "nnx"):
+        config = gpt_config(f"model.library={library}", *levers)
+        lowered, _ = lower_train_step(gpt_lm.build(config), config)
+        compiled = lowered.compile()
+        kinds = {}
+        for instruction in collectives(compiled.as_text()):
+            op = instruction.op.removesuffix("-start")
+            kinds[op] = kinds.get(op, 0) + 1
+        memory = compiled.memory_analysis()
+        found[library] = kinds, memory.temp_size_in_bytes, memory.argument_size_in_bytes
+    assert found["nnx"] == found["linen"]
+    assert found["nnx"][0]["all-gather"] >= 2 * 12 * 2  # every block leaf, forward and back
+
+
+def test_the_nnx_gpt_trains_alike_with_split_params_and_remat():
+    def history(*extra):
+        config = gpt_config("model.library=nnx", *extra)
+        return fit(gpt_lm.build(config), config, stream=None).history("train")
+
+    want, got = history(), history("parallel.shard=params", "model.remat=block")
+    for name in ("loss", "bits_per_byte"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5)
+    assert want["loss"][-1] < want["loss"][0]
+
+
+def test_the_nnx_gpt_in_bf16_runs_every_matmul_in_bf16():
+    fp32 = heavy_op_operand_types(gpt_lm, gpt_config("model.library=nnx"))
+    bf16 = heavy_op_operand_types(gpt_lm, gpt_config("model.library=nnx",
+                                                     "train.precision=bf16"))
+    assert len(bf16) == len(fp32) > 10
+    assert all("bf16" not in operands for operands in fp32)
+    assert not [operands for operands in bf16 if "f32" in operands], bf16[:3]
