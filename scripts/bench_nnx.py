@@ -11,6 +11,8 @@ devices, with the same optax transform (`digits_nnx`'s AdamW and schedule):
   sharded over the devices), `nnx.Optimizer`, `nnx.value_and_grad` of the weighted mean
   loss, `nnx.jit` with the model and optimizer donated.
 - `jaxdist digits_nnx pmap` / `shard_map`: the train step `fit` runs for `digits_nnx`.
+- `jaxdist linen, same CNN pmap`: the same CNN written in linen (with jaxdist's linen
+  `CrossReplicaBatchNorm`), through the same step: what an NNX model costs beside linen.
 - `jaxdist digits_cnn pmap`: the linen CNN of `digits_cnn` (no BatchNorm; its own size).
 
 Each round runs every side for the same number of steps, in a shuffled order; ratios to
@@ -43,17 +45,20 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    import flax.linen as nn
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
     import experiments.digits_cnn as digits_cnn
     import experiments.digits_nnx as digits_nnx
-    from jaxdist import make_backend, make_train_step
+    from jaxdist import Experiment, make_backend, make_train_step
     from jaxdist.data import Loader
     from jaxdist.loop.start import initial_state
+    from jaxdist.parallel.backend import AXIS
     from jaxdist.parallel.dispatch import InFlightLimit
     from jaxdist.step.losses import cross_entropy
+    from jaxdist.step.models.batchnorm import CrossReplicaBatchNorm
     from jaxdist.step.optimizers import build_optimizer, fix_schedule_horizon
     from jaxdist.step.precision import compute_dtype
 
@@ -99,10 +104,45 @@ def main() -> None:
 
         return run
 
+    # --- the same CNN in linen -----------------------------------------------------------
+    class LinenCNN(nn.Module):
+        axis_name: str | None = AXIS
+
+        @nn.compact
+        def __call__(self, images, weight, train):
+            x = images[..., None]
+            for width in (m.channels1, m.channels2):
+                x = nn.Conv(width, (3, 3), use_bias=False)(x)
+                x = nn.relu(CrossReplicaBatchNorm(axis_name=self.axis_name)(x, weight, train))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.relu(nn.Dense(m.dense)(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10)(nn.Dropout(m.dropout, deterministic=not train)(x))
+
+    def linen_experiment():
+        model, init_model = LinenCNN(), LinenCNN(axis_name=None)
+
+        def init(rng):
+            return init_model.init(rng, batch["image"][:1], jnp.ones(1), train=False)
+
+        def loss_fn(params, model_state, batch, rng):
+            logits, updated = model.apply({"params": params, "batch_stats": model_state},
+                                          batch["image"], batch["weight"], train=True,
+                                          mutable=["batch_stats"], rngs={"dropout": rng})
+            losses = cross_entropy(logits, batch["label"], m.label_smoothing)
+            return losses, {}, updated["batch_stats"]
+
+        return Experiment(init_params=lambda rng: init(rng)["params"],
+                          init_model_state=lambda rng: init(rng)["batch_stats"],
+                          loss_fn=loss_fn, eval_fn=lambda *args: None,
+                          train_data=experiment.train_data)
+
     # --- the jaxdist step ----------------------------------------------------------------
     def jaxdist_side(module, name: str):
-        built = module.build(config if module is digits_nnx else fix_schedule_horizon(
-            module.config()))
+        if isinstance(module, Experiment):
+            built = module
+        else:
+            built = module.build(config if module is digits_nnx else fix_schedule_horizon(
+                module.config()))
         backend = make_backend(name)
         step = backend.compile(make_train_step(built.loss_fn, tx, has_state=built.has_state))
         state = backend.replicate(initial_state(built, config, tx))
@@ -112,6 +152,7 @@ def main() -> None:
     sides = {BASELINE: hand_written(),
              "jaxdist digits_nnx pmap": jaxdist_side(digits_nnx, "pmap"),
              "jaxdist digits_nnx shard_map": jaxdist_side(digits_nnx, "shard_map"),
+             "jaxdist linen, same CNN pmap": jaxdist_side(linen_experiment(), "pmap"),
              "jaxdist digits_cnn pmap": jaxdist_side(digits_cnn, "pmap")}
     device = jax.devices()[0]
     print(f"devices: {len(jax.devices())} x {device.platform} ({device.device_kind}); "
