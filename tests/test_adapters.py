@@ -29,16 +29,20 @@ from flax import nnx
 import experiments.digits_equinox as digits_equinox
 import experiments.digits_nnx as digits_nnx
 import experiments.gpt_lm as gpt_lm
-from jaxdist import fit, load
+from jaxdist import fit, from_equinox, load
 from jaxdist.base.config import apply_overrides
+from jaxdist.base.errors import UserError
 from jaxdist.loop.compiled import collectives, lower_train_step
 from jaxdist.loop.hooks import Hook
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.loop.restore import restore_run
+from jaxdist.parallel.backend import AXIS
+from jaxdist.step.models.eqx_layers import CrossReplicaBatchNorm
 from jaxdist.step.models.gpt import GPT, SIZES
 from jaxdist.step.models.nnx_gpt import GPT as NnxGPT
 from jaxdist.step.precision import compute_dtype
 from tests.test_precision import heavy_op_operand_types
+from tests.toy import toy_config
 
 pytestmark = pytest.mark.slow  # trains end to end
 
@@ -273,3 +277,93 @@ def test_the_nnx_gpt_in_bf16_runs_every_matmul_in_bf16():
     assert len(bf16) == len(fp32) > 10
     assert all("bf16" not in operands for operands in fp32)
     assert not [operands for operands in bf16 if "f32" in operands], bf16[:3]
+
+
+# --- an equinox model with a State (eqx.nn.make_with_state) ---------------------------------
+
+class BatchNormNet(eqx.Module):
+    """Linear, BatchNorm over the examples of every device, linear: a model with a State."""
+
+    hidden: eqx.nn.Linear
+    norm: eqx.Module
+    out: eqx.nn.Linear
+
+    def __init__(self, key, norm):
+        k1, k2 = jax.random.split(key)
+        self.hidden = eqx.nn.Linear(3, 8, key=k1)
+        self.norm = norm
+        self.out = eqx.nn.Linear(8, 1, key=k2)
+
+    def __call__(self, batch, state):
+        h = jax.nn.relu(jax.vmap(self.hidden)(batch["x"]))
+        h, state = self.norm(h, batch["weight"], state)
+        return jax.vmap(self.out)(h)[:, 0], state
+
+
+def state_data():
+    rows = np.random.default_rng(0).normal(size=(72, 3)).astype(np.float32)
+    return {"x": rows, "y": (rows @ np.array([1.0, -2.0, 0.5], np.float32)) ** 2}
+
+
+def equinox_state_run(devices, backend="pmap", norm=None):
+    data = state_data()
+    norm = norm or (lambda: CrossReplicaBatchNorm(8))
+
+    def loss_fn(model, state, batch, key):
+        predictions, state = model(batch, state)
+        return (predictions - batch["y"]) ** 2, {}, state
+
+    experiment = from_equinox(eqx.nn.make_with_state(lambda key: BatchNormNet(key, norm())),
+                              loss_fn, train_data=data, eval_data=data)
+    # sgd: through BatchNorm the hidden bias has a gradient of exactly 0 in exact arithmetic,
+    # which Adam would turn into a step of ±learning_rate decided by rounding
+    config = toy_config(steps=6, batch_size=32, devices=devices, backend=backend,
+                        optimizer="sgd", learning_rate=0.003)
+    result = fit(experiment, config, stream=None)
+    return result, result.backend.first_copy(result.state.model_state), experiment
+
+
+def test_an_equinox_state_is_carried_as_the_model_state_on_any_device_count_and_backend():
+    """72 rows in batches of 32: the last batch of each epoch is padded, the statistics not."""
+    one, state1, _ = equinox_state_run(1)
+    assert isinstance(state1, eqx.nn.State) and one.history("train")["loss"].size > 0
+    means = [leaf for leaf in jax.tree.leaves(state1) if np.shape(leaf) == (8,)]
+    assert means and max(np.abs(mean).max() for mean in means) > 0.01  # it moved from 0/1
+    for backend in ("pmap", "shard_map"):
+        eight, state8, _ = equinox_state_run(8, backend)
+        for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert eight.last("eval")["loss"] == pytest.approx(one.last("eval")["loss"], rel=1e-5)
+
+
+def test_the_evaluation_of_an_equinox_state_normalizes_with_the_running_statistics():
+    result, state, experiment = equinox_state_run(1)
+    data = state_data()
+    batch = {"x": data["x"], "weight": np.ones(len(data["x"]), np.float32)}
+    module, state = experiment.module_of(result.params, state)
+    predictions, after = module(batch, state)
+    expected = float(np.mean((np.asarray(predictions) - data["y"]) ** 2))
+    assert result.last("eval")["loss"] == pytest.approx(expected, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)  # inference leaves the statistics alone
+    training = jax.vmap(lambda _: eqx.nn.inference_mode(module, False)(batch, state)[0],
+                        axis_name=AXIS)(np.zeros(1))[0]  # one device: the axis BatchNorm names
+    assert not np.allclose(training, predictions, rtol=1e-3)  # batch statistics differ
+
+
+@pytest.mark.parametrize("mode", ["ema", "batch"])
+def test_equinox_own_batchnorm_is_refused_in_one_line_naming_the_layer_to_use(mode):
+    norm = lambda: eqx.nn.BatchNorm(8, axis_name=AXIS, mode=mode)  # noqa: E731
+
+    class Wrapped(eqx.Module):
+        inner: eqx.nn.BatchNorm = eqx.field(default_factory=norm)
+
+        def __call__(self, h, weight, state):
+            return jax.vmap(self.inner, axis_name="examples", in_axes=(0, None),
+                            out_axes=(0, None))(h, state)
+
+    with pytest.raises(UserError, match="eqx_layers.CrossReplicaBatchNorm"):
+        equinox_state_run(8, "pmap", Wrapped)

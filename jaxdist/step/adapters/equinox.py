@@ -17,9 +17,26 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jaxdist.base.errors import UserError
 from jaxdist.base.pytree import PyTree
 from jaxdist.step.adapters.common import explain_on_module
 from jaxdist.step.experiment import Experiment, ExplainSpec
+
+EQUINOX_BATCHNORM = (
+    "eqx.nn.BatchNorm failed to trace inside jax.shard_map, where jaxdist traces every step "
+    "(equinox 0.13.8 with jax 0.10 refuses its State.set in mode='ema' and its pmean in "
+    "mode='batch'); use jaxdist.step.models.eqx_layers.CrossReplicaBatchNorm, which also "
+    "keeps padding rows out of the statistics")
+
+
+def fresh(state: PyTree) -> PyTree:
+    """A copy of `state` for the user's code.
+
+    `eqx.nn.State.set` invalidates the object it is called on, and the core reads the state
+    it passed in again (to check the new one).
+    """
+    leaves, treedef = jax.tree.flatten(state)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 class EquinoxParts:
@@ -34,6 +51,9 @@ class EquinoxParts:
         self.state_shapes = shapes[1] if self.stateful else None
         _, self.static = eqx.partition(module_shapes,
                                        lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        self.has_equinox_batchnorm = any(
+            isinstance(leaf, eqx.nn.BatchNorm) for leaf in
+            jax.tree.leaves(module_shapes, is_leaf=lambda x: isinstance(x, eqx.nn.BatchNorm)))
         self.init = jax.jit(self._init)
 
     def _init(self, key: jax.Array) -> tuple[PyTree, PyTree]:
@@ -81,12 +101,17 @@ def from_equinox(make_model: Callable[[jax.Array], Any], loss_fn: Callable,
 
     if parts.stateful:
         def train_loss(params, model_state, batch, rng):
-            return loss_fn(parts.combine(params), model_state, batch, rng)
+            try:
+                return loss_fn(parts.combine(params), fresh(model_state), batch, rng)
+            except ValueError as error:
+                if parts.has_equinox_batchnorm:
+                    raise UserError(EQUINOX_BATCHNORM) from error
+                raise
 
         def eval_loss(params, model_state, batch):
             if eval_fn is not None:
-                return eval_fn(inference(params), model_state, batch)
-            return loss_fn(inference(params), model_state, batch, key0)[:2]
+                return eval_fn(inference(params), fresh(model_state), batch)
+            return loss_fn(inference(params), fresh(model_state), batch, key0)[:2]
 
         pieces = dict(loss_fn=train_loss, eval_fn=eval_loss,
                       init_model_state=lambda rng: parts.init(rng)[1])
