@@ -21,6 +21,7 @@ from jaxdist.base.records import METRICS_FILE, read_records, to_json_line
 from jaxdist.loop.progress import Progress
 from jaxdist.parallel.backend import Backend
 from jaxdist.parallel.dispatch import host_reads
+from jaxdist.step.norms import NORM_KEYS
 from jaxdist.step.steps import LOSS_SUM, NONFINITE, WEIGHT_SUM
 
 # Values that vary from run to run on the same inputs: shown on the console and in
@@ -34,12 +35,15 @@ class MetricWindow:
     Holding a reference to a device array does not wait for it, so steps keep being
     dispatched; `sync` (called at log and checkpoint points) is the only place that waits
     and copies to the host. Host totals are added up in step order, so a window restored
-    from a checkpoint ends with the very same floats as an uninterrupted one.
+    from a checkpoint ends with the very same floats as an uninterrupted one. The norms
+    (`grad_norm`, ...) are not summed: a point shows those of its last step, the one step
+    of the window that computed them.
     """
 
     def __init__(self) -> None:
         self._pending: list[dict[str, jax.Array]] = []
         self.totals: dict[str, float] = {}
+        self.latest: dict[str, float] = {}  # the norms of the last step synced
         self.steps = 0
         self._started = time.perf_counter()
 
@@ -62,7 +66,10 @@ class MetricWindow:
         self._pending = []
         for row in rows:
             for name, value in row.items():
-                self.totals[name] = self.totals.get(name, 0.0) + value
+                if name in NORM_KEYS:
+                    self.latest[name] = value
+                else:
+                    self.totals[name] = self.totals.get(name, 0.0) + value
         self.steps += len(rows)
         return rows, also
 
@@ -78,9 +85,11 @@ class MetricWindow:
         values["examples"] = weight
         if nonfinite is not None:
             values[NONFINITE] = nonfinite
+        values.update(self.latest)
         values["steps_per_sec"] = self.steps / elapsed if elapsed > 0 else math.nan
         values["examples_per_sec"] = weight / elapsed if elapsed > 0 else math.nan
-        self.totals, self.steps, self._started = {}, 0, time.perf_counter()
+        self.totals, self.latest, self.steps = {}, {}, 0
+        self._started = time.perf_counter()
         return values
 
     def state(self) -> dict[str, Any]:
@@ -93,7 +102,7 @@ class MetricWindow:
 
 
 # Where a point's values go: the loss first, the experiment's metrics by name, then these.
-TRAILING_KEYS = ("examples", NONFINITE, "lr", *TIMING_KEYS)
+TRAILING_KEYS = ("examples", NONFINITE, *NORM_KEYS, "lr", *TIMING_KEYS)
 
 
 def in_order(values: dict[str, float]) -> dict[str, float]:

@@ -66,7 +66,7 @@ def from_dict(template: Config, data: Mapping[str, Any]) -> Config:
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_nonfinite", "train.early_stopping.", "checkpoint.", "parallel.backend",
-    "parallel.devices", "parallel.shard", "loader.prefetch", "train.skip_with",
+    "parallel.devices", "parallel.shard", "loader.prefetch", "train.skip_with", "train.log_norms",
 )
 
 

@@ -46,6 +46,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # Split each device's batch into this many micro-batches, one update for all of them.
     grad_accum: int = 1
+    # Log grad_norm (before clipping), param_norm and update_norm on every train point.
+    log_norms: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
