@@ -17,6 +17,7 @@ from toy import mlp_experiment, toy_config
 import jaxdist
 from jaxdist.loop.compiled import collectives, host_round_trips, lower_train_step, matmul_dtypes
 from jaxdist.loop.start import train_step_fn
+from jaxdist.step.norms import NORM_KEYS
 from jaxdist.step.steps import NONFINITE
 
 pytestmark = pytest.mark.slow  # starts processes or trains end to end
@@ -33,8 +34,10 @@ def _expected_reduction(experiment, start) -> collections.Counter:
                                   start.loader.peek())
     arrays = collections.Counter(("f32", tuple(np.shape(leaf)))
                                  for leaf in jax.tree.leaves(start.host_state.params))
-    # Every sum but the non-finite flag, which is computed from the reduced values.
-    arrays[("f32", ())] += len([name for name in sums if name != NONFINITE])
+    # Every sum but the non-finite flag and the norms, which are computed from the reduced
+    # values (replicated under parallel.shard=none: no collective of their own).
+    arrays[("f32", ())] += len([name for name in sums
+                                if name != NONFINITE and name not in NORM_KEYS])
     return arrays
 
 

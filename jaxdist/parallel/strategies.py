@@ -69,10 +69,6 @@ class Strategy:
         """The new parameters, as the state stores them."""
         return optax.apply_updates(own, updates)
 
-    def applied(self, updates: PyTree) -> PyTree:
-        """The optimizer's updates as they enter the parameters `own` gives."""
-        return updates
-
     def all_finite(self, tree: PyTree) -> jax.Array:
         """Whether every entry of `tree` (the same on every device) is finite."""
         return jnp.isfinite(_sum(tree))
@@ -98,12 +94,8 @@ class SplitOptimizer(Strategy):
         """The whole new parameters, all-gathered from every device's updated chunk."""
         return self.layout.gather_params(self._updated(own, updates))
 
-    def applied(self, updates: PyTree) -> PyTree:
-        """The updates of this device's chunks, their padding zeroed (it never enters)."""
-        return self.layout.mask_padding(updates)
-
     def _updated(self, own: PyTree, updates: PyTree) -> PyTree:
-        return optax.apply_updates(own, self.applied(updates))
+        return optax.apply_updates(own, self.layout.mask_padding(updates))
 
     def all_finite(self, tree: PyTree) -> jax.Array:
         """Whether every entry of every device's chunks is finite (the same verdict on all)."""

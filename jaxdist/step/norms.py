@@ -1,5 +1,8 @@
 """The step's health: global norms of the gradient, the parameters and the update.
 
+The update is the parameters' change over the step (what the step did to them, zero for a
+step skipped as non-finite).
+
 Each norm is summed as gradient clipping sums its norm (`jaxdist.step.optimizers.
 sum_of_squares`): every leaf is cut into one zero-padded chunk per device, each chunk's
 sum of squares is taken as an array of its own, and the sums are added in device order,
@@ -14,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdist.base.pytree import PyTree
-from jaxdist.parallel.backend import AXIS, mark_varying
+from jaxdist.parallel.backend import AXIS
 from jaxdist.parallel.chunks import Chunks
 
 GRAD_NORM = "grad_norm"
@@ -41,14 +44,6 @@ def square_parts(tree: PyTree, split: bool) -> jax.Array:
                                                           (i + 1) * chunks.chunk]))
                                   for i in range(devices)]))
     return jnp.stack(columns, axis=1)
-
-
-def no_parts(tree: PyTree, split: bool) -> jax.Array:
-    """Zeros shaped as `square_parts(tree, split)`: the parts of an update not applied."""
-    leaves = len(jax.tree.leaves(tree))
-    if split:  # typed as a device's own, as its chunks' parts are
-        return mark_varying(jnp.zeros((leaves,), jnp.float32))
-    return jnp.zeros((jax.lax.axis_size(AXIS), leaves), jnp.float32)
 
 
 def global_norms(parts: list[jax.Array], split: bool) -> jax.Array:

@@ -37,7 +37,7 @@ from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, mark_varying, require_same_on_every_device
 from jaxdist.parallel.strategies import Strategy
 from jaxdist.step.leaves import check_same_structure
-from jaxdist.step.norms import NORM_KEYS, global_norms, no_parts, square_parts
+from jaxdist.step.norms import NORM_KEYS, global_norms, square_parts
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -189,30 +189,28 @@ class TrainStep:
         grads, totals, model_state = self._reduced_gradients(state.params, state.model_state,
                                                              batch, rng)
         own = strategy.own(state.params)
-        logs = self._ends_log_window(state.step)
-        skipped = no_parts(own, strategy.splits) if logs is not None else None
 
         def update(model_state):
             updates, opt_state = self.tx.update(grads, state.opt_state, own)
-            parts = self._update_parts(logs, updates) if logs is not None else None
-            return strategy.apply(own, updates), opt_state, model_state, parts
+            return strategy.apply(own, updates), opt_state, model_state
 
         finite = strategy.all_finite((totals[LOSS_SUM], grads))
-        kept = (state.params, state.opt_state, state.model_state, skipped)
+        kept = (state.params, state.opt_state, state.model_state)
         if o.skip_nonfinite and o.skip_with == "cond":
             # The finite path costs no extra pass over the params and optimizer state.
-            params, opt_state, model_state, parts = jax.lax.cond(
-                finite, update, lambda _: kept, model_state)
+            params, opt_state, model_state = jax.lax.cond(finite, update, lambda _: kept,
+                                                          model_state)
         elif o.skip_nonfinite:
-            params, opt_state, model_state, parts = jax.tree.map(
+            params, opt_state, model_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), update(model_state), kept)
         if o.skip_nonfinite:
             totals = {name: jnp.where(finite, value, 0.0) for name, value in totals.items()}
         else:
-            params, opt_state, model_state, parts = update(model_state)
+            params, opt_state, model_state = update(model_state)
         totals[NONFINITE] = 1.0 - finite.astype(jnp.float32)
+        logs = self._ends_log_window(state.step)
         if logs is not None:
-            totals.update(self._norms(logs, grads, own, parts))
+            totals.update(self._norms(logs, grads, own, strategy.own(params)))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng, model_state=model_state)
         return new_state, totals
@@ -225,21 +223,20 @@ class TrainStep:
         done = step + 1
         return (done % o.norms_every == 0) | (done == o.last_step)
 
-    def _update_parts(self, logs: jax.Array, updates: PyTree) -> jax.Array:
-        """The sums of squares of the update as applied (zeros when this step is not logged)."""
-        split = self.strategy.splits
-        applied = self.strategy.applied(updates)
-        return jax.lax.cond(logs, lambda: square_parts(applied, split),
-                            lambda: no_parts(applied, split))
-
     def _norms(self, logs: jax.Array, grads: PyTree, own: PyTree,
-               update_parts: jax.Array) -> dict[str, jax.Array]:
-        """grad_norm, param_norm and update_norm of this step (0 when it is not logged)."""
+               new_own: PyTree) -> dict[str, jax.Array]:
+        """grad_norm, param_norm and update_norm of this step (0 when it is not logged).
+
+        The update is taken as the parameters' change, `new_own - own`, read after the step:
+        a second reader of the optimizer's updates inside the step changes how XLA fuses the
+        update, and with it, in bf16 programs, the last bits of training.
+        """
         split = self.strategy.splits
 
         def norms():
+            change = jax.tree.map(jnp.subtract, new_own, own)
             return global_norms([square_parts(grads, split), square_parts(own, split),
-                                 update_parts], split)
+                                 square_parts(change, split)], split)
 
         values = jax.lax.cond(logs, norms, lambda: jnp.zeros(3, jnp.float32))
         return dict(zip(NORM_KEYS, values, strict=True))
