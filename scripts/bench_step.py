@@ -8,7 +8,8 @@ entry are finite (on XLA's CPU backend the cond alone changes the speed markedly
 is the like-for-like baseline, and ratios are taken to it).
 The jaxdist side is what `fit` runs per step: the weighted-sum step with exact global means,
 a per-device RNG, the non-finite guard, summed metrics kept on the devices and read back
-once per window.
+once per window; one more jaxdist side adds the step's health norms on every 10th step
+(`train.log_norms`, the default, with `train.log_every=10`).
 
 Both loops let at most 2 steps run ahead of the host (`jaxdist.parallel.dispatch.InFlightLimit`);
 without that bound, XLA's CPU collectives deadlock on 8 fake devices (jax 0.10.2).
@@ -53,7 +54,7 @@ def main() -> None:
 
     from jaxdist import make_backend, make_train_step
     from jaxdist.parallel.dispatch import InFlightLimit
-    from jaxdist.step.steps import TrainState
+    from jaxdist.step.steps import StepOptions, TrainState
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.features)).astype(np.float32)
@@ -110,9 +111,10 @@ def main() -> None:
     hand_x, hand_y = backend.put_batch(x), backend.put_batch(y)
 
     # --- the jaxdist step, per backend ---------------------------------------------------
-    def jaxdist_side(name: str):
+    def jaxdist_side(name: str, options: StepOptions | None = None):
         backend = make_backend(name)
-        step = backend.compile(make_train_step(per_example_loss, tx))
+        options = options or StepOptions()
+        step = backend.compile(make_train_step(per_example_loss, tx, options=options))
         state = backend.replicate(TrainState.create(params, tx, jax.random.key(1)))
         batch = backend.put_batch({"x": x, "y": y, "weight": np.ones(args.batch, np.float32)})
         return jaxdist_runner(step, state, batch, backend)
@@ -120,7 +122,11 @@ def main() -> None:
     sides = {"hand-written pmap": hand_written(False),
              BASELINE: hand_written(True),
              "jaxdist pmap": jaxdist_side("pmap"),
-             "jaxdist shard_map": jaxdist_side("shard_map")}
+             "jaxdist shard_map": jaxdist_side("shard_map"),
+             # train.log_norms (the default) with train.log_every=10: the norms of every
+             # 10th step, as `fit` builds the step.
+             "jaxdist pmap, norms every 10": jaxdist_side(
+                 "pmap", StepOptions(norms_every=10, last_step=10**9))}
     device = jax.devices()[0]
     print(f"devices: {n} x {device.platform} ({device.device_kind}); MLP {sizes}, "
           f"global batch {args.batch}; {args.windows} rounds x {args.steps} steps per side")

@@ -34,10 +34,14 @@ def _expected_reduction(experiment, start) -> collections.Counter:
                                   start.loader.peek())
     arrays = collections.Counter(("f32", tuple(np.shape(leaf)))
                                  for leaf in jax.tree.leaves(start.host_state.params))
-    # Every sum but the non-finite flag and the norms, which are computed from the reduced
-    # values (replicated under parallel.shard=none: no collective of their own).
+    # Every sum but the non-finite flag, which is computed from the reduced values, and the
+    # norms, gathered together: each device's sums of squares of its chunk of each leaf of
+    # the gradient, the params and the update (one all-reduce of a devices x 3 leaves array).
     arrays[("f32", ())] += len([name for name in sums
                                 if name != NONFINITE and name not in NORM_KEYS])
+    if any(name in NORM_KEYS for name in sums):
+        leaves = len(jax.tree.leaves(start.host_state.params))
+        arrays[("f32", (start.backend.num_devices, 3 * leaves))] += 1
     return arrays
 
 
@@ -57,6 +61,7 @@ def test_the_toy_step_all_reduces_the_gradient_and_the_metrics_only(backend):
     params = start.host_state.params
     expected = collections.Counter(("f32", tuple(np.shape(p))) for p in jax.tree.leaves(params))
     expected[("f32", ())] += 3  # the loss, weight and abs_error sums
+    expected[("f32", (8, 3 * len(jax.tree.leaves(params))))] += 1  # the norms' chunk sums
     assert arrays == expected == _expected_reduction(experiment, start)
     assert host_round_trips(text) == []
 

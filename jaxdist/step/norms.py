@@ -6,12 +6,15 @@ step skipped as non-finite).
 Each norm is summed as gradient clipping sums its norm (`jaxdist.step.optimizers.
 sum_of_squares`): every leaf is cut into one zero-padded chunk per device, each chunk's
 sum of squares is taken as an array of its own, and the sums are added in device order,
-then leaf by leaf. A device that holds only its chunks (`parallel.shard` other than none)
-reduces its own and gathers the others' (one all-reduce of a scalar per leaf and device
-for the three norms together), so every `parallel.shard` reports the same norms.
+then leaf by leaf. Each device squares only its own chunks, whole leaves or split alike
+(a replicated leaf is cut here), and the devices' sums are gathered in one all-reduce of
+a scalar per leaf and device for the three norms together: a device does 1/n of the work,
+and every `parallel.shard` reports the same norms.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,40 +30,49 @@ NORM_KEYS = (GRAD_NORM, PARAM_NORM, UPDATE_NORM)
 
 
 def square_parts(tree: PyTree, split: bool) -> jax.Array:
-    """The sums of squares of `tree`'s chunks (inside a mapped step).
+    """The sums of squares of this device's chunk of each leaf of `tree`, as `[leaves]`.
 
-    Whole leaves (`split=False`): `[devices, leaves]`, each leaf cut here. This device's
-    chunks (`split=True`): `[leaves]`, this device's row of that array.
+    `split`: the leaves are this device's chunks already; otherwise they are whole and are
+    cut here (inside a mapped step).
     """
-    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    if split:
-        return jnp.stack([jnp.sum(jnp.square(x)) for x in leaves])
     devices = jax.lax.axis_size(AXIS)
-    columns = []
-    for x in leaves:
-        chunks = Chunks.of(x.shape, devices)
-        flat = chunks.padded(x)
-        columns.append(jnp.stack([jnp.sum(jnp.square(flat[i * chunks.chunk:
-                                                          (i + 1) * chunks.chunk]))
-                                  for i in range(devices)]))
-    return jnp.stack(columns, axis=1)
+    sums = []
+    for x in jax.tree.leaves(tree):
+        if not split:
+            x = Chunks.of(x.shape, devices).own(x)
+        sums.append(jnp.sum(jnp.square(x.astype(jnp.float32))))
+    return jnp.stack(sums)
 
 
-def global_norms(parts: list[jax.Array], split: bool) -> jax.Array:
-    """The global norm of each tree whose `square_parts` are `parts`, as one vector.
+def change_square_parts(new: PyTree, old: PyTree, split: bool) -> jax.Array:
+    """`square_parts(new - old, split)`, each device subtracting only its own chunks."""
+    devices = jax.lax.axis_size(AXIS)
+    sums = []
+    for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+        if not split:
+            chunks = Chunks.of(x.shape, devices)
+            x, y = chunks.own(x), chunks.own(y)
+        sums.append(jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32))))
+    return jnp.stack(sums)
 
-    Split, the parts of every tree go out together, in one all-reduce.
+
+def global_norms(parts: list[jax.Array],
+                 total: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The global norm of each tree whose `square_parts` on this device are `parts`.
+
+    The parts of every tree go out together, in one all-reduce: `total`, the step's sum
+    over the devices (`Strategy.total`; default `psum` over the device axis).
     """
+    total = total or (lambda x: jax.lax.psum(x, AXIS))
     sizes = [p.shape[-1] for p in parts]
-    rows = jnp.concatenate(parts, axis=-1)
-    if split:
-        # Each device's row in its place, summed: the very values an all-gather brings,
-        # typed as the same on every device (which the step's outputs must be).
-        mine = jax.nn.one_hot(jax.lax.axis_index(AXIS), jax.lax.axis_size(AXIS), dtype=bool)
-        rows = jax.lax.psum(jnp.where(mine[:, None], rows[None, :], 0.0), AXIS)
+    row = jnp.concatenate(parts)
+    # Each device's row in its place, summed: the very values an all-gather brings, typed
+    # as the same on every device (which the step's outputs must be).
+    mine = jax.nn.one_hot(jax.lax.axis_index(AXIS), jax.lax.axis_size(AXIS), dtype=bool)
+    rows = total(jnp.where(mine[:, None], row[None, :], 0.0))
     leaves = rows[0]
-    for row in rows[1:]:  # device order, as clipping adds them
-        leaves = leaves + row
+    for other in rows[1:]:  # device order, as clipping adds them
+        leaves = leaves + other
     norms, start = [], 0
     for size in sizes:
         total = leaves[start] if size else jnp.zeros((), jnp.float32)

@@ -37,7 +37,7 @@ from jaxdist.base.pytree import PyTree
 from jaxdist.parallel.backend import AXIS, mark_varying, require_same_on_every_device
 from jaxdist.parallel.strategies import Strategy
 from jaxdist.step.leaves import check_same_structure
-from jaxdist.step.norms import NORM_KEYS, global_norms, square_parts
+from jaxdist.step.norms import NORM_KEYS, change_square_parts, global_norms, square_parts
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -234,9 +234,9 @@ class TrainStep:
         split = self.strategy.splits
 
         def norms():
-            change = jax.tree.map(jnp.subtract, new_own, own)
             return global_norms([square_parts(grads, split), square_parts(own, split),
-                                 square_parts(change, split)], split)
+                                 change_square_parts(new_own, own, split)],
+                                self.strategy.total)
 
         values = jax.lax.cond(logs, norms, lambda: jnp.zeros(3, jnp.float32))
         return dict(zip(NORM_KEYS, values, strict=True))
