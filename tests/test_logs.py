@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from jaxdist import fit
 from jaxdist.loop.metrics import MetricsLogger
+from jaxdist.step.norms import NORM_KEYS
 from tests.toy import mlp_experiment, toy_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,9 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
         assert abs(value - record["loss"]) <= 1e-6 * abs(record["loss"])
     assert [step for step, _ in scalars["eval/loss"]] == [3, 6]
     assert "train/steps_per_sec" in scalars
+    for name in NORM_KEYS:  # the step's health, as metrics.jsonl has it (float32 there)
+        assert [value for _, value in scalars[f"train/{name}"]] == pytest.approx(
+            [record[name] for record in train], rel=1e-6)
 
 
 class Terminal(io.StringIO):
