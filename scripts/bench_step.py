@@ -126,7 +126,7 @@ def main() -> None:
              # train.log_norms (the default) with train.log_every=10: the norms of every
              # 10th step, as `fit` builds the step.
              "jaxdist pmap, norms every 10": jaxdist_side(
-                 "pmap", StepOptions(norms_every=10, last_step=10**9))}
+                 "pmap", StepOptions(norms_every=10))}
     device = jax.devices()[0]
     print(f"devices: {n} x {device.platform} ({device.device_kind}); MLP {sizes}, "
           f"global batch {args.batch}; {args.windows} rounds x {args.steps} steps per side")

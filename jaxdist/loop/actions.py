@@ -32,6 +32,7 @@ from jaxdist.loop.stopping import EarlyStopping, NonfiniteGuard
 from jaxdist.parallel.backend import Backend
 from jaxdist.parallel.dispatch import InFlightLimit, host_reads
 from jaxdist.parallel.processes import barrier, first_signal, is_primary
+from jaxdist.step.norms import NORM_KEYS
 from jaxdist.step.optimizers import learning_rate
 from jaxdist.step.steps import NONFINITE, TrainState
 
@@ -66,15 +67,18 @@ class LogTraining(Hook):
             # Log the last partial window, but keep its sums for the checkpoint: a run
             # resumed with more steps logs at step % log_every == 0 exactly as an
             # uninterrupted run does.
+            # Its last step measured no norms (they are measured every `log_every` steps).
             run.sync()
             partial = run.window.state()
-            self._log(run)
+            self._log(run, norms=False)
             run.window.restore(partial)
 
-    def _log(self, run: Run) -> None:
+    def _log(self, run: Run, norms: bool = True) -> None:
         # The window's metrics and the learning rate come back in one transfer.
         lr = run.sync(also=learning_rate(run.state.opt_state))
         values = run.window.summarize(run.backend)
+        if not norms:
+            values = {name: value for name, value in values.items() if name not in NORM_KEYS}
         values["lr"] = float(lr)
         run.log("train", values)
 

@@ -219,7 +219,7 @@ def step_options(experiment: Experiment, config: Config) -> StepOptions:
     return StepOptions(grad_reduce=config.parallel.grad_reduce,
                        skip_nonfinite=t.skip_nonfinite, skip_with=t.skip_with,
                        grad_accum=t.grad_accum, gathers_params=experiment.gathers_params,
-                       norms_every=t.log_every if t.log_norms else 0, last_step=t.steps)
+                       norms_every=t.log_every if t.log_norms else 0)
 
 
 def train_step_fn(experiment: Experiment, start: Start) -> Callable:

@@ -130,10 +130,10 @@ class StepOptions:
     skip_with: Literal["cond", "where"] = "cond"
     grad_accum: int = 1
     gathers_params: bool = False  # `Experiment.gathers_params`
-    # Report grad_norm, param_norm and update_norm after each step that ends a log window:
-    # every `norms_every` steps and after step `last_step`. 0: never.
+    # Report grad_norm, param_norm and update_norm after every `norms_every`-th step (0:
+    # never). Not after a run's last step: the program must not depend on `train.steps`,
+    # which a resume may raise (the compilation cache would miss).
     norms_every: int = 0
-    last_step: int = 0
 
     def __post_init__(self) -> None:
         if self.grad_reduce not in ("mean", "sum"):
@@ -220,8 +220,7 @@ class TrainStep:
         o = self.options
         if not o.norms_every:
             return None
-        done = step + 1
-        return (done % o.norms_every == 0) | (done == o.last_step)
+        return (step + 1) % o.norms_every == 0
 
     def _norms(self, logs: jax.Array, grads: PyTree, own: PyTree,
                new_own: PyTree) -> dict[str, jax.Array]:
