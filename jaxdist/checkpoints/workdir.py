@@ -39,6 +39,7 @@ RUN_FOLDERS = {  # a folder: the patterns of the names directly inside it
     "tensorboard": ("events.out.tfevents.*",),
     "plots": ("*.png",),  # a temporary .NAME.tmp-PID.png left by a crash too
     "explain": ("attributions.npz", "attributions.png", ".attributions.tmp-*"),
+    "tracking": ("mlflow.json", ".mlflow.json.tmp-*"),  # the tracker run a resume continues
 }
 
 

@@ -36,6 +36,7 @@ from jaxdist.loop.hooks import Hook, Run, check_keys
 from jaxdist.loop.metrics import MetricsLogger
 from jaxdist.loop.preemption import PreemptionWatch
 from jaxdist.loop.start import Start, prepare_run
+from jaxdist.loop.trackers import tracker_hooks
 from jaxdist.parallel.agreement import agree, require_same_config
 from jaxdist.parallel.backend import Backend
 from jaxdist.parallel.dispatch import InFlightLimit, host_reads
@@ -146,7 +147,8 @@ def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
         saves = SaveCheckpoints(start.store, CheckpointWriter(
             start.store, config.checkpoint.background), config.train.checkpoint_every,
             config.train.steps, _meta_of(start), start.lock, start.workdir)
-    hooks = [*default_hooks(config, eval_step, experiment.eval_data, saves), *hooks]
+    hooks = [*default_hooks(config, eval_step, experiment.eval_data, saves),
+             *tracker_hooks(config, experiment.name, is_primary()), *hooks]
     for hook in hooks:
         if hook.key is not None and meta is not None and hook.key in meta.hooks:
             hook.restore(meta.hooks[hook.key])

@@ -27,6 +27,7 @@ from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
+from jaxdist.loop.trackers import check_tracker_extras
 from jaxdist.parallel.backend import AXIS, Backend
 from jaxdist.parallel.backends import make_backend
 from jaxdist.parallel.devices import free_memory_per_device
@@ -114,6 +115,7 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
         raise UserError("train.early_stopping.patience needs evaluation data, and this "
                         "experiment has none; set train.early_stopping.patience=0")
     check_loss_closure(experiment.loss_fn)
+    check_tracker_extras(config)
     backend = make_backend(config.parallel.backend, config.parallel.devices)
     check_shard(config.parallel.shard)
     splits = config.parallel.shard != "none" and len(backend.global_devices) > 1

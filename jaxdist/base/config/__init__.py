@@ -25,13 +25,14 @@ from jaxdist.base.config.sections import (
     LoaderConfig,
     OptimizerConfig,
     ParallelConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
 __all__ = [
     "ALIASES", "EXPERIMENT_DIGEST_KEY", "EXPERIMENT_KEY", "MAX_STEPS", "RESUMABLE_KEYS",
     "CheckpointConfig", "Config", "EarlyStoppingConfig", "LoaderConfig", "OptimizerConfig",
-    "ParallelConfig", "TrainConfig", "apply_overrides", "check_allowed_changes",
+    "ParallelConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "check_allowed_changes",
     "describe_keys", "flatten", "from_dict", "leaf_keys", "parse_value", "resume_conflicts",
     "to_dict", "to_json", "validate",
 ]

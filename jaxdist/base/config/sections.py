@@ -1,4 +1,4 @@
-"""The typed sections of a config: `train`, `optimizer`, `parallel`, `loader`, `checkpoint`.
+"""The typed sections of a config: train, optimizer, parallel, loader, checkpoint, tracking.
 
 A config is a tree of dataclasses. The core sections are defined here; an experiment may
 add its own dataclasses under `model` and `data`. Every leaf has a type annotation, by
@@ -110,6 +110,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers that get every logged point, besides metrics.jsonl and TensorBoard."""
+
+    # An MLflow tracking URI (http://127.0.0.1:5000, or a database URI such as
+    # sqlite:///mlflow.db); "" turns MLflow off. Needs `pip install "jaxdist[mlflow]"`.
+    mlflow: str = ""
+    mlflow_experiment: str = ""  # the MLflow experiment; "": the jaxdist experiment's name
+    run_name: str = ""  # the tracker run's name; "": the workdir's folder name
+
+
+@dataclass
 class Config:
     """A whole experiment configuration: core sections plus the experiment's own."""
 
@@ -118,6 +129,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     model: Any = None
     data: Any = None
 

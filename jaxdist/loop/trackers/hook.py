@@ -1,0 +1,105 @@
+"""The hook that sends a run's logged points to one experiment tracker, off the training thread.
+
+`TrackerHook` turns the loop's moments into a tracker's calls (`Tracker`): open (or continue)
+the tracker's run when the loop starts, one call per logged point, finish at the end. Each
+call is a task of the tracker's own thread (`Sender`), so a slow or dead server never makes
+a step wait; the end of the run waits for the queued points at most `drain_seconds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+from jaxdist.base.config import flatten, to_dict
+from jaxdist.loop.hooks import Hook, Run
+from jaxdist.loop.metrics import TIMING_KEYS
+from jaxdist.loop.trackers.sender import Sender
+
+
+@dataclass
+class RunContext:
+    """What a tracker is told of the run when it opens (or continues) its own run."""
+
+    experiment: str  # the jaxdist experiment's name
+    params: dict[str, str]  # the resolved config, as dotted keys
+    workdir: Path | None
+    run_name: str | None
+    start_step: int  # 0, or the step the run resumes from
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl up to it
+
+
+class Tracker(Protocol):
+    """One experiment tracker's client, called from its own thread, in order."""
+
+    name: str  # e.g. "MLflow"
+    where: str  # e.g. its tracking URI
+
+    def open(self, context: RunContext) -> None:
+        """Start the tracker's run, or continue the one this workdir's run started."""
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        """Send one logged point (finite values, named as in metrics.jsonl)."""
+
+    def finish(self, status: str, checkpoint: Path | None) -> None:
+        """End the tracker's run with `status`, naming its last `checkpoint`.
+
+        `status`: "FINISHED", "KILLED" (preempted: a rerun continues it) or "FAILED".
+        """
+
+
+def tracked_values(values: dict[str, float]) -> dict[str, float]:
+    """The values of a point that a tracker gets: those of metrics.jsonl that are finite.
+
+    metrics.jsonl writes a non-finite value as null; like TensorBoard, a tracker gets no
+    point for it.
+    """
+    return {name: float(value) for name, value in values.items()
+            if name not in TIMING_KEYS and math.isfinite(value)}
+
+
+class TrackerHook(Hook):
+    """Sends every logged point of process 0 to `tracker`, in its own thread."""
+
+    def __init__(self, tracker: Tracker, experiment: str, drain_seconds: float = 30.0):
+        self.tracker, self.experiment, self.drain_seconds = tracker, experiment, drain_seconds
+        self._sender: Sender | None = None
+
+    def on_start(self, run: Run) -> None:
+        """Open the tracker's run (in the tracker's thread)."""
+        t = run.config.tracking
+        workdir = run.logger.workdir
+        params = {key: str(value) for key, value in flatten(to_dict(run.config)).items()}
+        name = t.run_name or (workdir.name if workdir is not None else None)
+        context = RunContext(self.experiment, params, workdir, name, run.step,
+                             list(run.logger.records))
+        self._sender = Sender(self.tracker.name, self.tracker.where)
+        self._sender.submit(partial(self.tracker.open, context))
+
+    def after_log(self, run: Run, split: str, values: dict[str, float]) -> None:
+        """Queue the point for the tracker."""
+        if self._sender is not None:
+            self._sender.submit(partial(self.tracker.log, run.step, split,
+                                        tracked_values(values)))
+
+    def on_stop(self, run: Run) -> None:
+        """End the tracker's run, waiting at most `drain_seconds` for what is queued."""
+        reason = run.stop_reason
+        self._close(run, "KILLED" if reason == "preempted" else "FINISHED", self.drain_seconds)
+
+    def settle(self, run: Run) -> None:
+        """The run is failing: mark the tracker's run failed, waiting a few seconds at most."""
+        self._close(run, "FAILED", min(self.drain_seconds, 10.0))
+
+    def _close(self, run: Run, status: str, timeout: float) -> None:
+        sender, self._sender = self._sender, None
+        if sender is None:
+            return
+        sender.submit(lambda: self.tracker.finish(status, run.checkpoint))
+        if not sender.close(timeout) and sender.failed is None:
+            run.logger.say(f"jaxdist: {self.tracker.name} at {self.tracker.where} had not "
+                           f"taken the run's last points after {timeout:.0f} s; training is "
+                           f"done, and metrics.jsonl and TensorBoard keep every point")

@@ -1,0 +1,220 @@
+"""Experiment trackers against the real thing: an MLflow server the tests start, read back
+through MLflow's own client."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxdist import fit
+from jaxdist.base.errors import UserError
+from jaxdist.base.records import read_records
+from jaxdist.loop.trackers.sender import Sender
+from tests.servers import MlflowServer, free_port
+from tests.toy import mlp_experiment, toy_config
+from tests.tracked_run import tracked_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACKED_RUN = [sys.executable, str(ROOT / "tests" / "tracked_run.py")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
+
+
+def client_of(server):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
+
+
+def runs_of(server, workdir):
+    """The MLflow runs (of any experiment) that name `workdir` as theirs."""
+    client = client_of(server)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    where = str(Path(workdir).resolve())
+    return client.search_runs(ids, filter_string=f"tags.`jaxdist.workdir` = '{where}'")
+
+
+def jsonl_points(workdir):
+    """{split/name: {step: value}} of metrics.jsonl's finite numbers."""
+    points = {}
+    for record in read_records(Path(workdir) / "metrics.jsonl", "test"):
+        for name, value in record.items():
+            if name not in ("step", "split") and value is not None:
+                points.setdefault(f"{record['split']}/{name}", {})[record["step"]] = value
+    return points
+
+
+def assert_mlflow_holds_metrics_jsonl(server, workdir):
+    """One MLflow run for the workdir, and each of its metrics is metrics.jsonl's, exactly,
+    one value per step."""
+    (run,) = runs_of(server, workdir)
+    client = client_of(server)
+    expected = jsonl_points(workdir)
+    assert set(run.data.metrics) == set(expected)
+    for key, by_step in expected.items():
+        history = client.get_metric_history(run.info.run_id, key)
+        steps = [point.step for point in history]
+        assert len(steps) == len(set(steps)), f"{key} has a step twice: {sorted(steps)}"
+        assert {point.step: point.value for point in history} == by_step, key
+    return run
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def mlflow_steps(server, workdir, key="train/loss"):
+    runs = runs_of(server, workdir)
+    if not runs:
+        return set()
+    return {p.step for p in client_of(server).get_metric_history(runs[0].info.run_id, key)}
+
+
+@pytest.mark.slow
+def test_mlflow_gets_every_point_config_and_checkpoint_of_a_run(server, tmp_path):
+    config = tracked_config(server.uri)
+    result = fit(mlp_experiment(), config, tmp_path / "run", stream=None)
+    run = assert_mlflow_holds_metrics_jsonl(server, tmp_path / "run")
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["train.steps"] == "20"
+    assert run.data.params["tracking.mlflow"] == server.uri
+    assert run.data.tags["jaxdist.checkpoint"] == str(result.checkpoint.resolve())
+    artifacts = {a.path for a in client_of(server).list_artifacts(run.info.run_id)}
+    assert {"config.json", "metrics.jsonl"} <= artifacts
+    # The step's health reaches the tracker too.
+    assert {"train/grad_norm", "train/param_norm", "train/update_norm"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumed_continues_its_mlflow_run_without_duplicates(server,
+                                                                             tmp_path):
+    workdir = tmp_path / "killed"
+    # Held after its train point of step 10, past its checkpoint of step 6.
+    process = subprocess.Popen([*TRACKED_RUN, str(workdir), server.uri, "10"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: 10 in mlflow_steps(server, workdir), 120,
+                 "the held run's step-10 point in MLflow")
+        wait_for(lambda: (workdir / "checkpoints" / "step_00000006").exists(), 60,
+                 "the checkpoint of step 6")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    (before,) = runs_of(server, workdir)
+    assert before.info.status == "RUNNING"  # SIGKILL: nobody ended it
+    resumed = subprocess.run([*TRACKED_RUN, str(workdir), server.uri], cwd=ROOT,
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert "already holds another value" not in resumed.stderr
+    run = assert_mlflow_holds_metrics_jsonl(server, workdir)  # points 8 and 10 once each
+    assert run.info.run_id == before.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["jaxdist.resumed_at"] == "6"
+    # ...and those points are the uninterrupted run's.
+    whole = tmp_path / "whole"
+    fit(mlp_experiment(), tracked_config(server.uri), whole, stream=None)
+    assert jsonl_points(workdir) == jsonl_points(whole)
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_training_and_metrics_jsonl_intact(tmp_path):
+    workdir, go = tmp_path / "run", tmp_path / "go"
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        process = subprocess.Popen([*TRACKED_RUN, str(workdir), server.uri, "8", str(go)],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env={**os.environ,
+                                                   "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        wait_for(lambda: 8 in mlflow_steps(server, workdir), 120, "step 8 in MLflow")
+    finally:
+        server.stop()
+    go.touch()
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 0, err[-2000:]
+    failed = [line for line in err.splitlines() if "MLflow at" in line]
+    assert len(failed) == 1 and "training goes on without it" in failed[0], err[-2000:]
+    whole = tmp_path / "whole"
+    untracked = tracked_config("")
+    fit(mlp_experiment(), untracked, whole, stream=None)
+    assert jsonl_points(workdir) == jsonl_points(whole)  # every point, the same values
+
+
+@pytest.mark.slow
+def test_turning_mlflow_on_at_a_resume_sends_the_earlier_points_and_restart_makes_a_new_run(
+        server, tmp_path):
+    workdir = tmp_path / "run"
+    config = tracked_config("")
+    config.train.steps = 6
+    fit(mlp_experiment(), config, workdir, stream=None)
+    config = tracked_config(server.uri)  # 20 steps now, and MLflow on
+    fit(mlp_experiment(), config, workdir, stream=None)
+    first = assert_mlflow_holds_metrics_jsonl(server, workdir)
+    assert sorted(mlflow_steps(server, workdir)) == list(range(2, 21, 2))
+    fit(mlp_experiment(), config, workdir, stream=None, start_over=True)
+    runs = runs_of(server, workdir)
+    assert len(runs) == 2 and first.info.run_id in {r.info.run_id for r in runs}
+
+
+@pytest.mark.slow
+def test_an_unreachable_server_is_one_line_and_the_run_goes_on(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    config = toy_config(steps=6, log_every=2)
+    config.tracking.mlflow = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    result = fit(mlp_experiment(), config, tmp_path / "run", stream=None)
+    assert result.step == 6 and len(read_records(tmp_path / "run" / "metrics.jsonl",
+                                                 "test")) == 4  # 3 train, 1 eval
+    lines = [line for line in capfd.readouterr().err.splitlines() if "MLflow at" in line]
+    assert len(lines) == 1 and "training goes on without it" in lines[0]
+
+
+def test_a_missing_mlflow_is_refused_before_the_first_step(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+    config = toy_config(steps=2)
+    config.tracking.mlflow = "http://127.0.0.1:5000"
+    with pytest.raises(UserError, match=r'pip install "jaxdist\[mlflow\]"'):
+        fit(mlp_experiment(), config, tmp_path / "run", stream=None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_tracker_that_hangs_never_holds_the_run_longer_than_its_wait():
+    sender = Sender("Tracker", "nowhere")
+    sender.submit(lambda: time.sleep(30))
+    started = time.monotonic()
+    assert sender.close(timeout=0.5) is False
+    assert time.monotonic() - started < 5
+
+
+def test_a_tracker_failure_is_said_once_and_drops_what_follows():
+    import io
+
+    stream, ran = io.StringIO(), []
+    sender = Sender("Tracker", "nowhere", stream)
+    sender.submit(lambda: 1 / 0)
+    for i in range(3):
+        sender.submit(lambda i=i: ran.append(i))
+    assert sender.close(timeout=10)
+    assert ran == [] and stream.getvalue().count("\n") == 1
+    assert "Tracker at nowhere failed (ZeroDivisionError" in stream.getvalue()
+
+
+def test_the_mlflow_run_id_is_kept_in_the_workdir_and_restart_removes_it(tmp_path):
+    from jaxdist.checkpoints.workdir import restart
+
+    (tmp_path / "tracking").mkdir()
+    (tmp_path / "tracking" / "mlflow.json").write_text(json.dumps({"run_id": "x"}))
+    assert "tracking/ (1 entry)" in restart(tmp_path)
+    assert not (tmp_path / "tracking" / "mlflow.json").exists()
