@@ -27,7 +27,7 @@ from jaxdist.checkpoints.meta import RunMeta
 from jaxdist.checkpoints.store import CheckpointStore
 from jaxdist.checkpoints.workdir import WorkdirLock, newest_saved_step, prepare_workdir, restart
 from jaxdist.data import Loader, as_source, eval_batches, training_loader
-from jaxdist.loop.trackers import check_tracker_extras
+from jaxdist.loop.trackers import check_tracker_extras, preload_tracker_clients
 from jaxdist.parallel.backend import AXIS, Backend
 from jaxdist.parallel.backends import make_backend
 from jaxdist.parallel.devices import free_memory_per_device
@@ -116,6 +116,8 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
                         "experiment has none; set train.early_stopping.patience=0")
     check_loss_closure(experiment.loss_fn)
     check_tracker_extras(config)
+    if is_primary():  # process 0 alone talks to the trackers
+        preload_tracker_clients(config)
     backend = make_backend(config.parallel.backend, config.parallel.devices)
     check_shard(config.parallel.shard)
     splits = config.parallel.shard != "none" and len(backend.global_devices) > 1

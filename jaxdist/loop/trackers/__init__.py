@@ -7,7 +7,9 @@ run trains, a tracker that fails never stops it (`jaxdist.loop.trackers.sender`)
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import threading
 
 from jaxdist.base.config import Config
 from jaxdist.base.errors import UserError
@@ -15,17 +17,41 @@ from jaxdist.loop.hooks import Hook
 from jaxdist.loop.trackers.hook import TrackerHook
 from jaxdist.loop.trackers.mlflow_tracker import MlflowTracker
 
-# key: (the module it needs, the extra that installs it)
-NEEDS = {"tracking.mlflow": ("mlflow", "mlflow")}
+# key: (the module it needs, the extra that installs it, the modules its client imports)
+NEEDS = {"tracking.mlflow": ("mlflow", "mlflow", ("mlflow.entities", "mlflow.tracking"))}
 
 
 def check_tracker_extras(config: Config) -> None:
     """Refuse (one line) a tracker that is turned on but whose client is not installed."""
-    for key, (module, extra) in NEEDS.items():
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) and importlib.util.find_spec(module) is None:
+    for key, (module, extra, _) in NEEDS.items():
+        if _turned_on(config, key) and not _installed(module):
             raise UserError(f"{key} needs {module}, which is not installed; pip install "
                             f"\"jaxdist[{extra}]\" (or leave {key} empty)")
+
+
+def preload_tracker_clients(config: Config) -> None:
+    """Import the clients of the trackers turned on, in a thread, while the steps compile.
+
+    MLflow's client takes seconds to import; imported when the loop starts, it would hold
+    the interpreter beside the first steps.
+    """
+    modules = [name for key, (_, _, client) in NEEDS.items() if _turned_on(config, key)
+               for name in client]
+    if modules:
+        threading.Thread(target=lambda: [importlib.import_module(m) for m in modules],
+                         name="jaxdist-tracker-import", daemon=True).start()
+
+
+def _turned_on(config: Config, key: str) -> bool:
+    section, name = key.split(".")
+    return bool(getattr(getattr(config, section), name))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None
+        return False
 
 
 def tracker_hooks(config: Config, experiment: str, primary: bool) -> list[Hook]:

@@ -1,14 +1,19 @@
 """The hook that sends a run's logged points to one experiment tracker, off the training thread.
 
 `TrackerHook` turns the loop's moments into a tracker's calls (`Tracker`): open (or continue)
-the tracker's run when the loop starts, one call per logged point, finish at the end. Each
+the tracker's run when the loop starts, send the logged points, finish at the end. Each
 call is a task of the tracker's own thread (`Sender`), so a slow or dead server never makes
 a step wait; the end of the run waits for the queued points at most `drain_seconds`.
+Points go out together, at most one request every `send_every` seconds: a request costs
+the tracker's thread far more than a point does, and that thread shares the host with the
+loop.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,6 +23,9 @@ from jaxdist.base.config import flatten, to_dict
 from jaxdist.loop.hooks import Hook, Run
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.loop.trackers.sender import Sender
+
+# (step, split, values) of one logged point
+Point = tuple[int, str, dict[str, float]]
 
 
 @dataclass
@@ -41,8 +49,8 @@ class Tracker(Protocol):
     def open(self, context: RunContext) -> None:
         """Start the tracker's run, or continue the one this workdir's run started."""
 
-    def log(self, step: int, split: str, values: dict[str, float]) -> None:
-        """Send one logged point (finite values, named as in metrics.jsonl)."""
+    def log(self, points: list[Point]) -> None:
+        """Send logged points, in the order logged (finite values, named as in metrics.jsonl)."""
 
     def finish(self, status: str, checkpoint: Path | None) -> None:
         """End the tracker's run with `status`, naming its last `checkpoint`.
@@ -64,9 +72,15 @@ def tracked_values(values: dict[str, float]) -> dict[str, float]:
 class TrackerHook(Hook):
     """Sends every logged point of process 0 to `tracker`, in its own thread."""
 
-    def __init__(self, tracker: Tracker, experiment: str, drain_seconds: float = 30.0):
-        self.tracker, self.experiment, self.drain_seconds = tracker, experiment, drain_seconds
+    def __init__(self, tracker: Tracker, experiment: str, drain_seconds: float = 30.0,
+                 send_every: float = 1.0):
+        self.tracker, self.experiment = tracker, experiment
+        self.drain_seconds, self.send_every = drain_seconds, send_every
         self._sender: Sender | None = None
+        self._points: list[Point] = []  # logged, not yet handed to the tracker
+        self._send_queued = False
+        self._last_send = -math.inf
+        self._lock = threading.Lock()
 
     def on_start(self, run: Run) -> None:
         """Open the tracker's run (in the tracker's thread)."""
@@ -80,10 +94,15 @@ class TrackerHook(Hook):
         self._sender.submit(partial(self.tracker.open, context))
 
     def after_log(self, run: Run, split: str, values: dict[str, float]) -> None:
-        """Queue the point for the tracker."""
-        if self._sender is not None:
-            self._sender.submit(partial(self.tracker.log, run.step, split,
-                                        tracked_values(values)))
+        """Queue the point for the tracker; its thread sends it within `send_every` s."""
+        if self._sender is None:
+            return
+        with self._lock:
+            self._points.append((run.step, split, tracked_values(values)))
+            if self._send_queued:
+                return
+            self._send_queued = True
+        self._sender.submit(self._send)
 
     def on_stop(self, run: Run) -> None:
         """End the tracker's run, waiting at most `drain_seconds` for what is queued."""
@@ -94,10 +113,21 @@ class TrackerHook(Hook):
         """The run is failing: mark the tracker's run failed, waiting a few seconds at most."""
         self._close(run, "FAILED", min(self.drain_seconds, 10.0))
 
+    def _send(self) -> None:
+        """In the tracker's thread: the points logged so far, in one call."""
+        time.sleep(max(0.0, self._last_send + self.send_every - time.monotonic()))
+        with self._lock:
+            points, self._points, self._send_queued = self._points, [], False
+        self._last_send = time.monotonic()
+        if points:
+            self.tracker.log(points)
+
     def _close(self, run: Run, status: str, timeout: float) -> None:
         sender, self._sender = self._sender, None
         if sender is None:
             return
+        self._last_send = -math.inf  # the last points go at once
+        sender.submit(self._send)
         sender.submit(lambda: self.tracker.finish(status, run.checkpoint))
         if not sender.close(timeout) and sender.failed is None:
             run.logger.say(f"jaxdist: {self.tracker.name} at {self.tracker.where} had not "

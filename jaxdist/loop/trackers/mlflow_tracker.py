@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdist.base.files import write_text_atomically
-from jaxdist.loop.trackers.hook import RunContext, tracked_values
+from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
 
 ID_FILE = Path("tracking") / "mlflow.json"
 # MLflow's limits per log_batch request.
@@ -67,32 +67,35 @@ class MlflowTracker:
             params = [Param(key, value[:6000]) for key, value in sorted(context.params.items())]
             for first in range(0, len(params), MAX_PARAMS):
                 self.client.log_batch(self.run_id, params=params[first:first + MAX_PARAMS])
-        for record in context.records:  # what metrics.jsonl kept and MLflow may lack
-            self.log(record["step"], record["split"], tracked_values(
-                {k: v for k, v in record.items() if k not in ("step", "split")
-                 and v is not None}))
+        self.log([(record["step"], record["split"], tracked_values(  # what MLflow may lack
+            {k: v for k, v in record.items() if k not in ("step", "split") and v is not None}))
+            for record in context.records])
 
-    def log(self, step: int, split: str, values: dict[str, float]) -> None:
-        """Send the point's values that MLflow does not already hold at this step."""
+    def log(self, points: list[Point]) -> None:
+        """Send the points' values that MLflow does not already hold at their steps."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
         metrics = []
-        for name, value in values.items():
-            key = f"{split}/{name}"
-            held = self._known.get((key, step))
-            if held is not None and value in held:
-                continue
-            if held:
-                self._differing += 1
-                if self._differing == 1:
-                    sys.stderr.write(
-                        f"jaxdist: MLflow run {self.run_id} already holds another value of "
-                        f"{key} at step {step}, from before this run resumed; MLflow cannot "
-                        f"delete a point, so it keeps both (metrics.jsonl has this run's)\n")
-            metrics.append(Metric(key, value, stamp, step))
+        for step, split, values in points:
+            for name, value in values.items():
+                key = f"{split}/{name}"
+                held = self._known.get((key, step))
+                if held is not None and value in held:
+                    continue
+                if held:
+                    self._say_differs(key, step)
+                metrics.append(Metric(key, value, stamp, step))
         for first in range(0, len(metrics), MAX_METRICS):
             self.client.log_batch(self.run_id, metrics=metrics[first:first + MAX_METRICS])
+
+    def _say_differs(self, key: str, step: int) -> None:
+        self._differing += 1
+        if self._differing == 1:
+            sys.stderr.write(f"jaxdist: MLflow run {self.run_id} already holds another value "
+                             f"of {key} at step {step}, from before this run resumed; MLflow "
+                             f"cannot delete a point, so it keeps both (metrics.jsonl has "
+                             f"this run's)\n")
 
     def finish(self, status: str, checkpoint: Path | None) -> None:
         """Tag the last checkpoint, attach the workdir's record, and end the MLflow run."""
