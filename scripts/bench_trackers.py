@@ -49,6 +49,7 @@ def main() -> None:
     import jaxdist
     from jaxdist.loop.compile_cache import enable_compilation_cache
     from jaxdist.loop.hooks import Hook
+    from jaxdist.loop.trackers import hook as tracker_hook
     from tests.servers import MlflowServer
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-trackers-"))
@@ -69,8 +70,9 @@ def main() -> None:
     endings: dict[str, list[float]] = {}
     runs = iter(range(10**6))
 
-    def side(name: str, overrides: list[str]):
+    def side(name: str, overrides: list[str], send_every: float = 1.0):
         def run(steps: int) -> float:
+            tracker_hook.SEND_EVERY = send_every
             experiment, config = jaxdist.load("digits_cnn", [
                 f"train.steps={steps}", f"train.log_every={args.log_every}",
                 "train.eval_every=0", *overrides])
@@ -86,8 +88,10 @@ def main() -> None:
     with MlflowServer(scratch / "mlflow") as server:
         print(f"MLflow server {server.uri} (pid {server.process.pid}), digits_cnn, "
               f"{args.steps} steps, a point every {args.log_every}")
+        mlflow = [f"tracking.mlflow={server.uri}"]
         compare_in_rounds({OFF: side(OFF, []),
-                           "tracking.mlflow": side("mlflow", [f"tracking.mlflow={server.uri}"])},
+                           "tracking.mlflow": side("mlflow", mlflow),
+                           "tracking.mlflow, sent every 5 s": side("mlflow 5 s", mlflow, 5.0)},
                           OFF, args.rounds, args.steps)
     for name, seconds in endings.items():
         print(f"end of run ({name}): median {statistics.median(seconds):.2f} s from the last "

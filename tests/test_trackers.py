@@ -1,5 +1,5 @@
 """Experiment trackers against the real thing: an MLflow server the tests start, read back
-through MLflow's own client."""
+through MLflow's own client, and W&B offline, its run files read back."""
 
 import json
 import os
@@ -18,6 +18,7 @@ from jaxdist.loop.trackers.sender import Sender
 from tests.servers import MlflowServer, free_port
 from tests.toy import mlp_experiment, toy_config
 from tests.tracked_run import tracked_config
+from tests.wandb_files import history, run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACKED_RUN = [sys.executable, str(ROOT / "tests" / "tracked_run.py")]
@@ -86,7 +87,7 @@ def mlflow_steps(server, workdir, key="train/loss"):
 
 @pytest.mark.slow
 def test_mlflow_gets_every_point_config_and_checkpoint_of_a_run(server, tmp_path):
-    config = tracked_config(server.uri)
+    config = tracked_config(f"tracking.mlflow={server.uri}")
     result = fit(mlp_experiment(), config, tmp_path / "run", stream=None)
     run = assert_mlflow_holds_metrics_jsonl(server, tmp_path / "run")
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
@@ -104,7 +105,8 @@ def test_a_sigkilled_run_resumed_continues_its_mlflow_run_without_duplicates(ser
                                                                              tmp_path):
     workdir = tmp_path / "killed"
     # Held after its train point of step 10, past its checkpoint of step 6.
-    process = subprocess.Popen([*TRACKED_RUN, str(workdir), server.uri, "10"], cwd=ROOT,
+    tracking = f"tracking.mlflow={server.uri}"
+    process = subprocess.Popen([*TRACKED_RUN, str(workdir), tracking, "10"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: 10 in mlflow_steps(server, workdir), 120,
@@ -116,7 +118,7 @@ def test_a_sigkilled_run_resumed_continues_its_mlflow_run_without_duplicates(ser
         process.wait(timeout=30)
     (before,) = runs_of(server, workdir)
     assert before.info.status == "RUNNING"  # SIGKILL: nobody ended it
-    resumed = subprocess.run([*TRACKED_RUN, str(workdir), server.uri], cwd=ROOT,
+    resumed = subprocess.run([*TRACKED_RUN, str(workdir), tracking], cwd=ROOT,
                              capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
@@ -126,7 +128,7 @@ def test_a_sigkilled_run_resumed_continues_its_mlflow_run_without_duplicates(ser
     assert run.data.tags["jaxdist.resumed_at"] == "6"
     # ...and those points are the uninterrupted run's.
     whole = tmp_path / "whole"
-    fit(mlp_experiment(), tracked_config(server.uri), whole, stream=None)
+    fit(mlp_experiment(), tracked_config(f"tracking.mlflow={server.uri}"), whole, stream=None)
     assert jsonl_points(workdir) == jsonl_points(whole)
 
 
@@ -135,7 +137,8 @@ def test_a_killed_server_leaves_training_and_metrics_jsonl_intact(tmp_path):
     workdir, go = tmp_path / "run", tmp_path / "go"
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
-        process = subprocess.Popen([*TRACKED_RUN, str(workdir), server.uri, "8", str(go)],
+        tracking = f"tracking.mlflow={server.uri}"
+        process = subprocess.Popen([*TRACKED_RUN, str(workdir), tracking, "8", str(go)],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env={**os.environ,
                                                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
@@ -148,7 +151,7 @@ def test_a_killed_server_leaves_training_and_metrics_jsonl_intact(tmp_path):
     failed = [line for line in err.splitlines() if "MLflow at" in line]
     assert len(failed) == 1 and "training goes on without it" in failed[0], err[-2000:]
     whole = tmp_path / "whole"
-    untracked = tracked_config("")
+    untracked = tracked_config("tracking.mlflow=")
     fit(mlp_experiment(), untracked, whole, stream=None)
     assert jsonl_points(workdir) == jsonl_points(whole)  # every point, the same values
 
@@ -157,10 +160,10 @@ def test_a_killed_server_leaves_training_and_metrics_jsonl_intact(tmp_path):
 def test_turning_mlflow_on_at_a_resume_sends_the_earlier_points_and_restart_makes_a_new_run(
         server, tmp_path):
     workdir = tmp_path / "run"
-    config = tracked_config("")
+    config = tracked_config("tracking.mlflow=")
     config.train.steps = 6
     fit(mlp_experiment(), config, workdir, stream=None)
-    config = tracked_config(server.uri)  # 20 steps now, and MLflow on
+    config = tracked_config(f"tracking.mlflow={server.uri}")  # 20 steps now, and MLflow on
     fit(mlp_experiment(), config, workdir, stream=None)
     first = assert_mlflow_holds_metrics_jsonl(server, workdir)
     assert sorted(mlflow_steps(server, workdir)) == list(range(2, 21, 2))
@@ -218,3 +221,64 @@ def test_the_mlflow_run_id_is_kept_in_the_workdir_and_restart_removes_it(tmp_pat
     (tmp_path / "tracking" / "mlflow.json").write_text(json.dumps({"run_id": "x"}))
     assert "tracking/ (1 entry)" in restart(tmp_path)
     assert not (tmp_path / "tracking" / "mlflow.json").exists()
+
+
+def wandb_points(workdir, run_id):
+    """{key: {step: value}} over every offline segment of the W&B run, in order, and how
+    many points were in more than one segment.
+
+    Such a point (logged after the checkpoint, then again by the resumed run) must have
+    the same value in each: W&B keeps the first (it ignores a step below its newest), so
+    they must not contradict.
+    """
+    points, repeated = {}, 0
+    files = run_files(workdir, run_id)
+    assert files, f"no offline W&B files of {run_id} in {workdir}"
+    for path in files:
+        for row in history(path):
+            step = row.pop("_step")
+            for key, value in row.items():
+                if key.startswith("_"):
+                    continue
+                held = points.setdefault(key, {}).setdefault(step, value)
+                assert held == value, f"{key} at step {step}: {held} and then {value}"
+                repeated += held is not value
+    return points, repeated
+
+
+def wandb_run_id(workdir):
+    return json.loads((Path(workdir) / "tracking" / "wandb.json").read_text())["run_id"]
+
+
+@pytest.mark.slow
+def test_wandb_offline_holds_every_point_unchanged_across_a_sigkill_and_resume(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # A point every step, so that W&B writes some of its 32 KiB blocks before the kill.
+    longer = ("train.steps=140", "train.log_every=1", "train.checkpoint_every=50",
+              "train.eval_every=50")
+    workdir, tracking = tmp_path / "killed", "tracking.wandb=jaxdist-test"
+    process = subprocess.Popen([*TRACKED_RUN, str(workdir), tracking, "120", *longer],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: "holding at step 120" in process.stdout.readline(), 120,
+                 "the run to hold at step 120")
+        time.sleep(2)  # W&B's own process writes what filled its blocks
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    run_id = wandb_run_id(workdir)
+    (first,) = run_files(workdir, run_id)
+    killed_steps = {row["_step"] for row in history(first)}
+    assert killed_steps and max(killed_steps) > 100  # past the checkpoint of step 100
+    resumed = subprocess.run([*TRACKED_RUN, str(workdir), tracking, *longer], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert wandb_run_id(workdir) == run_id and len(run_files(workdir, run_id)) == 2
+    points, repeated = wandb_points(workdir, run_id)
+    assert points == jsonl_points(workdir)
+    assert repeated > 0  # points after the checkpoint were in both segments, unchanged
+    whole = tmp_path / "whole"
+    fit(mlp_experiment(), tracked_config("tracking.wandb=", longer), whole, stream=None)
+    assert jsonl_points(workdir) == jsonl_points(whole)

@@ -1,6 +1,9 @@
-"""A toy run with tracking.mlflow, for tests that kill it or its server partway.
+"""A toy run with a tracker, for tests that kill it or its server partway.
 
-python tests/tracked_run.py WORKDIR TRACKING_URI [HOLD_AT [GO_FILE]]
+python tests/tracked_run.py WORKDIR tracking.KEY=VALUE [HOLD_AT [GO_FILE]] [KEY=VALUE ...]
+
+(`tracking.mlflow=URI`, `tracking.wandb=PROJECT`, or `tracking.mlflow=` for none; then
+`train.*` overrides of the toy run's config.)
 
 After logging the train point of step HOLD_AT, the run holds (with its points already
 queued for the tracker) until GO_FILE exists; without GO_FILE it holds for good, to be
@@ -21,11 +24,16 @@ from jaxdist.loop.hooks import Hook  # noqa: E402
 from tests.toy import mlp_experiment, toy_config  # noqa: E402
 
 
-def tracked_config(uri: str):
+def tracked_config(tracking: str, overrides: tuple[str, ...] = ()):
+    """The toy run's config with one `tracking.KEY=VALUE` set, and `train.KEY=INT`s."""
     config = toy_config(steps=20, log_every=2)
     config.train.eval_every = 10
     config.train.checkpoint_every = 6
-    config.tracking.mlflow = uri
+    key, value = tracking.removeprefix("tracking.").split("=", 1)
+    setattr(config.tracking, key, value)
+    for override in overrides:
+        key, value = override.removeprefix("train.").split("=", 1)
+        setattr(config.train, key, int(value))
     return config
 
 
@@ -41,8 +49,10 @@ class HoldAt(Hook):
 
 
 if __name__ == "__main__":
-    workdir, uri = sys.argv[1], sys.argv[2]
-    hold = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    go = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    workdir, tracking, *rest = sys.argv[1:]
+    overrides = tuple(arg for arg in rest if "=" in arg)
+    positional = [arg for arg in rest if "=" not in arg]
+    hold = int(positional[0]) if positional else 0
+    go = Path(positional[1]) if len(positional) > 1 else None
     hooks = [HoldAt(hold, go)] if hold else []
-    fit(mlp_experiment(), tracked_config(uri), workdir, hooks=hooks)
+    fit(mlp_experiment(), tracked_config(tracking, overrides), workdir, hooks=hooks)

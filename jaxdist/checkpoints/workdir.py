@@ -39,7 +39,8 @@ RUN_FOLDERS = {  # a folder: the patterns of the names directly inside it
     "tensorboard": ("events.out.tfevents.*",),
     "plots": ("*.png",),  # a temporary .NAME.tmp-PID.png left by a crash too
     "explain": ("attributions.npz", "attributions.png", ".attributions.tmp-*"),
-    "tracking": ("mlflow.json", ".mlflow.json.tmp-*"),  # the tracker run a resume continues
+    # the tracker runs a resume continues (W&B's own folder, WORKDIR/wandb, is left alone)
+    "tracking": ("mlflow.json", ".mlflow.json.tmp-*", "wandb.json", ".wandb.json.tmp-*"),
 }
 
 

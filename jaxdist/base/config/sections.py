@@ -117,6 +117,10 @@ class TrackingConfig:
     # sqlite:///mlflow.db); "" turns MLflow off. Needs `pip install "jaxdist[mlflow]"`.
     mlflow: str = ""
     mlflow_experiment: str = ""  # the MLflow experiment; "": the jaxdist experiment's name
+    # A Weights & Biases project; "" turns W&B off. Needs `pip install "jaxdist[wandb]"`; W&B's
+    # own settings (WANDB_MODE=offline, WANDB_API_KEY, WANDB_DIR, ...) apply.
+    wandb: str = ""
+    wandb_entity: str = ""  # the W&B entity (user or team); "": W&B's default
     run_name: str = ""  # the tracker run's name; "": the workdir's folder name
 
 

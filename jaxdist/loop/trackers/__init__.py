@@ -1,8 +1,9 @@
-"""Experiment trackers (MLflow): every logged point of process 0, also sent to the tracker.
+"""Experiment trackers (MLflow, W&B): every logged point of process 0, also sent to them.
 
-`tracking.mlflow=URI` turns MLflow on. The tracker's client is an optional extra, refused
-before the first step (one line naming the install command) when it is missing; once the
-run trains, a tracker that fails never stops it (`jaxdist.loop.trackers.sender`).
+`tracking.mlflow=URI` turns MLflow on, `tracking.wandb=PROJECT` Weights & Biases. A
+tracker's client is an optional extra, refused before the first step (one line naming the
+install command) when it is missing; once the run trains, a tracker that fails never stops
+it (`jaxdist.loop.trackers.sender`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from jaxdist.base.errors import UserError
 from jaxdist.loop.hooks import Hook
 from jaxdist.loop.trackers.hook import TrackerHook
 from jaxdist.loop.trackers.mlflow_tracker import MlflowTracker
+from jaxdist.loop.trackers.wandb_tracker import WandbTracker
 
 # key: (the module it needs, the extra that installs it, the modules its client imports)
-NEEDS = {"tracking.mlflow": ("mlflow", "mlflow", ("mlflow.entities", "mlflow.tracking"))}
+NEEDS = {"tracking.mlflow": ("mlflow", "mlflow", ("mlflow.entities", "mlflow.tracking")),
+         "tracking.wandb": ("wandb", "wandb", ("wandb",))}
 
 
 def check_tracker_extras(config: Config) -> None:
@@ -57,6 +60,11 @@ def _installed(module: str) -> bool:
 def tracker_hooks(config: Config, experiment: str, primary: bool) -> list[Hook]:
     """The hooks of the trackers `config.tracking` turns on (process 0 alone has any)."""
     t = config.tracking
-    if not primary or not t.mlflow:
+    if not primary:
         return []
-    return [TrackerHook(MlflowTracker(t.mlflow, t.mlflow_experiment), experiment)]
+    trackers = []
+    if t.mlflow:
+        trackers.append(MlflowTracker(t.mlflow, t.mlflow_experiment))
+    if t.wandb:
+        trackers.append(WandbTracker(t.wandb, t.wandb_entity))
+    return [TrackerHook(tracker, experiment) for tracker in trackers]

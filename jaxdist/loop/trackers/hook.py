@@ -24,6 +24,8 @@ from jaxdist.loop.hooks import Hook, Run
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.loop.trackers.sender import Sender
 
+# The least time between two requests of a tracker's thread (seconds).
+SEND_EVERY = 1.0
 # (step, split, values) of one logged point
 Point = tuple[int, str, dict[str, float]]
 
@@ -33,7 +35,7 @@ class RunContext:
     """What a tracker is told of the run when it opens (or continues) its own run."""
 
     experiment: str  # the jaxdist experiment's name
-    params: dict[str, str]  # the resolved config, as dotted keys
+    settings: dict[str, Any]  # the resolved config, as dotted keys
     workdir: Path | None
     run_name: str | None
     start_step: int  # 0, or the step the run resumes from
@@ -73,9 +75,10 @@ class TrackerHook(Hook):
     """Sends every logged point of process 0 to `tracker`, in its own thread."""
 
     def __init__(self, tracker: Tracker, experiment: str, drain_seconds: float = 30.0,
-                 send_every: float = 1.0):
+                 send_every: float | None = None):
         self.tracker, self.experiment = tracker, experiment
-        self.drain_seconds, self.send_every = drain_seconds, send_every
+        self.drain_seconds = drain_seconds
+        self.send_every = SEND_EVERY if send_every is None else send_every
         self._sender: Sender | None = None
         self._points: list[Point] = []  # logged, not yet handed to the tracker
         self._send_queued = False
@@ -86,9 +89,9 @@ class TrackerHook(Hook):
         """Open the tracker's run (in the tracker's thread)."""
         t = run.config.tracking
         workdir = run.logger.workdir
-        params = {key: str(value) for key, value in flatten(to_dict(run.config)).items()}
+        settings = flatten(to_dict(run.config))
         name = t.run_name or (workdir.name if workdir is not None else None)
-        context = RunContext(self.experiment, params, workdir, name, run.step,
+        context = RunContext(self.experiment, settings, workdir, name, run.step,
                              list(run.logger.records))
         self._sender = Sender(self.tracker.name, self.tracker.where)
         self._sender.submit(partial(self.tracker.open, context))

@@ -64,7 +64,8 @@ class MlflowTracker:
             run = self.client.create_run(experiment_id, run_name=context.run_name, tags=tags)
             self.run_id = run.info.run_id
             self._save_run_id()
-            params = [Param(key, value[:6000]) for key, value in sorted(context.params.items())]
+            params = [Param(key, str(value)[:6000])
+                      for key, value in sorted(context.settings.items())]
             for first in range(0, len(params), MAX_PARAMS):
                 self.client.log_batch(self.run_id, params=params[first:first + MAX_PARAMS])
         self.log([(record["step"], record["split"], tracked_values(  # what MLflow may lack

@@ -1,0 +1,102 @@
+"""Weights & Biases: one W&B run per jaxdist run, continued on resume, never contradicted.
+
+The W&B run's id is kept in `WORKDIR/tracking/wandb.json` as soon as the run is made, so a
+rerun of the same command continues that W&B run (`resume="allow"`), and `--restart`
+(which removes the file) starts a new one. Offline (`WANDB_MODE=offline`) each start writes
+its own segment of the run under `wandb/` (in the workdir, unless `WANDB_DIR` says where);
+`wandb sync` uploads them.
+
+W&B cannot write to a step below its run's newest one: a point logged there is ignored.
+So a resumed run first sends every point `metrics.jsonl` kept (up to its checkpoint's
+step), then each point it logs, those after the checkpoint again included. Where the
+crashed run had given them to W&B already they are the very same values (jaxdist's resume
+is exact) and W&B keeps one; where W&B never wrote them (it writes its run file a 32 KiB
+block at a time, so a SIGKILL loses the points since the last full block, all of a short
+run's) they are filled in. A W&B run started only at a resume gets the earlier points
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxdist.base.files import write_text_atomically
+from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
+
+ID_FILE = Path("tracking") / "wandb.json"
+
+
+class WandbTracker:
+    """Logs to the W&B `project` (of `entity`); see the module's docstring."""
+
+    name = "W&B"
+
+    def __init__(self, project: str, entity: str = ""):
+        self.project, self.entity = project, entity
+        self.where = f"project {entity + '/' if entity else ''}{project}"
+        self.run: Any = None
+        self._workdir: Path | None = None
+
+    def open(self, context: RunContext) -> None:
+        """Continue this workdir's W&B run of this project if it has one, else start one."""
+        import wandb
+
+        self._workdir = context.workdir
+        run_id = self._saved_run_id()
+        folder = None
+        if context.workdir is not None and not os.environ.get("WANDB_DIR"):
+            folder = str(context.workdir)  # its offline runs and logs in WORKDIR/wandb/
+        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)
+        common = dict(project=self.project, entity=self.entity or None, dir=folder,
+                      settings=settings)
+        if run_id is not None:
+            self.run = wandb.init(id=run_id, resume="allow", **common)
+        else:
+            config = {**context.settings, "jaxdist.experiment": context.experiment}
+            if context.workdir is not None:
+                config["jaxdist.workdir"] = str(Path(context.workdir).resolve())
+            self.run = wandb.init(name=context.run_name, config=config, **common)
+            self._save_run_id()
+        self.log([(record["step"], record["split"], tracked_values(  # the earlier points
+            {k: v for k, v in record.items() if k not in ("step", "split") and v is not None}))
+            for record in context.records])
+
+    def log(self, points: list[Point]) -> None:
+        """Log the points at their steps, one W&B row per step."""
+        rows: dict[int, dict[str, float]] = {}
+        for step, split, values in points:
+            rows.setdefault(step, {}).update(
+                {f"{split}/{name}": value for name, value in values.items()})
+        for step in sorted(rows):
+            self.run.log(rows[step], step=step)
+
+    def finish(self, status: str, checkpoint: Path | None) -> None:
+        """Name the last checkpoint in the run's summary, and end the W&B run."""
+        if checkpoint is not None:
+            self.run.summary["jaxdist.checkpoint"] = str(Path(checkpoint).resolve())
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+    def _saved_run_id(self) -> str | None:
+        """The W&B run of this project that the workdir's run started, if any."""
+        if self._workdir is None:
+            return None
+        try:
+            saved = json.loads((self._workdir / ID_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(saved, dict) or saved.get("project") != self.project
+                or saved.get("entity") != self.entity):
+            return None
+        run_id = saved.get("run_id")
+        return run_id if isinstance(run_id, str) else None
+
+    def _save_run_id(self) -> None:
+        if self._workdir is None:
+            return
+        path = self._workdir / ID_FILE
+        path.parent.mkdir(exist_ok=True)
+        write_text_atomically(path, json.dumps({"project": self.project, "entity": self.entity,
+                                                "run_id": self.run.id}) + "\n")
