@@ -1,4 +1,4 @@
-"""Steps/s of a run with its tracker on (a real MLflow server) vs the same run with it off.
+"""Steps/s of a run with its trackers on (a real MLflow server, W&B offline) vs them off.
 
 Each side trains the bundled `digits_cnn` (`--steps` steps, a train point every
 `--log-every` steps, so the tracker gets a point every few hundred milliseconds) through
@@ -8,10 +8,11 @@ training while it runs: queueing each point, and its thread's work beside the st
 the end of the run waits for the tracker is printed apart (the seconds from the last step
 until `fit` returned, which also hold the final evaluation and save on both sides).
 
-The MLflow server (sqlite store) is started by this script and stopped by its pid. Rounds
-run both sides in a shuffled order and take their ratio within the round. Run:
+The MLflow server (sqlite store) is started by this script and stopped by its pid; W&B runs
+with `WANDB_MODE=offline` (no network), writing its run files in each workdir. Rounds run
+every side in a shuffled order and take the ratios within the round. Run:
 
-    python scripts/bench_trackers.py             # 8 fake CPU devices, about 4 minutes
+    python scripts/bench_trackers.py             # 8 fake CPU devices, about 10 minutes
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ OFF = "tracking off"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-devices", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=5)
     return parser.parse_args()
@@ -49,11 +50,11 @@ def main() -> None:
     import jaxdist
     from jaxdist.loop.compile_cache import enable_compilation_cache
     from jaxdist.loop.hooks import Hook
-    from jaxdist.loop.trackers import hook as tracker_hook
     from tests.servers import MlflowServer
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-trackers-"))
     os.environ.setdefault("JAXDIST_COMPILATION_CACHE", str(scratch / "xla"))
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
     enable_compilation_cache()
 
     class LoopTimer(Hook):
@@ -70,9 +71,8 @@ def main() -> None:
     endings: dict[str, list[float]] = {}
     runs = iter(range(10**6))
 
-    def side(name: str, overrides: list[str], send_every: float = 1.0):
+    def side(name: str, overrides: list[str]):
         def run(steps: int) -> float:
-            tracker_hook.SEND_EVERY = send_every
             experiment, config = jaxdist.load("digits_cnn", [
                 f"train.steps={steps}", f"train.log_every={args.log_every}",
                 "train.eval_every=0", *overrides])
@@ -88,10 +88,11 @@ def main() -> None:
     with MlflowServer(scratch / "mlflow") as server:
         print(f"MLflow server {server.uri} (pid {server.process.pid}), digits_cnn, "
               f"{args.steps} steps, a point every {args.log_every}")
-        mlflow = [f"tracking.mlflow={server.uri}"]
+        mlflow, wandb = [f"tracking.mlflow={server.uri}"], ["tracking.wandb=bench"]
         compare_in_rounds({OFF: side(OFF, []),
                            "tracking.mlflow": side("mlflow", mlflow),
-                           "tracking.mlflow, sent every 5 s": side("mlflow 5 s", mlflow, 5.0)},
+                           "tracking.wandb (offline)": side("wandb", wandb),
+                           "both": side("both", mlflow + wandb)},
                           OFF, args.rounds, args.steps)
     for name, seconds in endings.items():
         print(f"end of run ({name}): median {statistics.median(seconds):.2f} s from the last "

@@ -184,11 +184,15 @@ def test_an_unreachable_server_is_one_line_and_the_run_goes_on(tmp_path, capfd, 
     assert len(lines) == 1 and "training goes on without it" in lines[0]
 
 
-def test_a_missing_mlflow_is_refused_before_the_first_step(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
+@pytest.mark.parametrize("tracker, value", [("mlflow", "http://127.0.0.1:5000"),
+                                            ("wandb", "a-project")])
+def test_a_missing_tracker_client_is_refused_before_the_first_step(tmp_path, monkeypatch,
+                                                                   tracker, value):
+    monkeypatch.setitem(sys.modules, tracker, None)  # as if it were not installed
     config = toy_config(steps=2)
-    config.tracking.mlflow = "http://127.0.0.1:5000"
-    with pytest.raises(UserError, match=r'pip install "jaxdist\[mlflow\]"'):
+    setattr(config.tracking, tracker, value)
+    with pytest.raises(UserError, match=rf'tracking.{tracker} needs {tracker}, which is not '
+                                        rf'installed; pip install "jaxdist\[{tracker}\]"'):
         fit(mlp_experiment(), config, tmp_path / "run", stream=None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -282,3 +286,18 @@ def test_wandb_offline_holds_every_point_unchanged_across_a_sigkill_and_resume(t
     whole = tmp_path / "whole"
     fit(mlp_experiment(), tracked_config("tracking.wandb=", longer), whole, stream=None)
     assert jsonl_points(workdir) == jsonl_points(whole)
+
+
+@pytest.mark.slow
+def test_of_two_processes_only_process_0_tracks(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdist.launch", "--num-processes", "2", "--local-devices",
+         "4", "linear_regression", "train.steps=10", "train.batch_size=64",
+         "train.log_every=5", "tracking.wandb=jaxdist-test", "--workdir", str(workdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((workdir / "wandb").glob("offline-run-*"))) == 1
+    points, _ = wandb_points(workdir, wandb_run_id(workdir))
+    assert points == jsonl_points(workdir)

@@ -40,6 +40,7 @@ RUN_FOLDERS = {  # a folder: the patterns of the names directly inside it
     "plots": ("*.png",),  # a temporary .NAME.tmp-PID.png left by a crash too
     "explain": ("attributions.npz", "attributions.png", ".attributions.tmp-*"),
     # the tracker runs a resume continues (W&B's own folder, WORKDIR/wandb, is left alone)
+    "profile": ("plugins", "process_*"),  # train.profile_steps' traces
     "tracking": ("mlflow.json", ".mlflow.json.tmp-*", "wandb.json", ".wandb.json.tmp-*"),
 }
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import jax
 import numpy as np
 
 from jaxdist.base.config import Config, flatten, to_dict, to_json
@@ -35,6 +36,7 @@ from jaxdist.loop.discovery import file_digest
 from jaxdist.loop.hooks import Hook, Run, check_keys
 from jaxdist.loop.metrics import MetricsLogger
 from jaxdist.loop.preemption import PreemptionWatch
+from jaxdist.loop.profiling import profile_hooks
 from jaxdist.loop.start import Start, prepare_run
 from jaxdist.loop.trackers import tracker_hooks
 from jaxdist.parallel.agreement import agree, require_same_config
@@ -148,7 +150,8 @@ def _train(experiment: Experiment, start: Start, hooks: Sequence[Hook],
             start.store, config.checkpoint.background), config.train.checkpoint_every,
             config.train.steps, _meta_of(start), start.lock, start.workdir)
     hooks = [*default_hooks(config, eval_step, experiment.eval_data, saves),
-             *tracker_hooks(config, experiment.name, is_primary()), *hooks]
+             *tracker_hooks(config, experiment.name, is_primary()),
+             *profile_hooks(config, start.workdir, jax.process_index()), *hooks]
     for hook in hooks:
         if hook.key is not None and meta is not None and hook.key in meta.hooks:
             hook.restore(meta.hooks[hook.key])

@@ -116,6 +116,9 @@ def prepare_run(experiment: Experiment, config: Config, workdir: Path | None, st
                         "experiment has none; set train.early_stopping.patience=0")
     check_loss_closure(experiment.loss_fn)
     check_tracker_extras(config)
+    if t.profile_steps and workdir is None:
+        raise UserError(f"train.profile_steps={t.profile_steps} writes its trace to "
+                        f"WORKDIR/profile; give a --workdir (fit(..., workdir=...))")
     if is_primary():  # process 0 alone talks to the trackers
         preload_tracker_clients(config)
     backend = make_backend(config.parallel.backend, config.parallel.devices)

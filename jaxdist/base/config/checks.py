@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -77,6 +78,22 @@ def _type_words(hint: Any) -> str:
             type(None): "none"}.get(hint, str(hint))
 
 
+PROFILE_FORM = re.compile(r"^(\d+):(\d+)$")
+
+
+def profile_window(value: str) -> tuple[int, int] | None:
+    """The (first, last) steps `train.profile_steps` names, None for ""; one line if bad."""
+    if not value:
+        return None
+    match = PROFILE_FORM.match(value.strip())
+    if match is None or int(match[1]) < 1 or int(match[2]) < 1:
+        raise UserError(f"train.profile_steps={value} is not START:COUNT with START and COUNT "
+                        f">= 1 (e.g. train.profile_steps=10:5 profiles steps 10 to 14); or "
+                        f"leave it empty")
+    first = int(match[1])
+    return first, first + int(match[2]) - 1
+
+
 def validate(config: Config) -> None:
     """Check that every value has its type, and values that have one but make no sense."""
     for bad in _type_errors(config)[:1]:
@@ -115,6 +132,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    profile_window(t.profile_steps)
 
 
 def _minimum(config: Config, key: str, minimum: float) -> tuple[bool, str]:

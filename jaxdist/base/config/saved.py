@@ -62,13 +62,13 @@ def from_dict(template: Config, data: Mapping[str, Any]) -> Config:
 
 
 # Keys that only change how long a run goes, how often it logs, evaluates or saves, where it
-# runs or which trackers it reports to: a run may resume from a checkpoint written with other
-# values of these.
+# runs, which trackers it reports to or which steps it profiles: a run may resume from a
+# checkpoint written with other values of these.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.max_nonfinite", "train.early_stopping.", "checkpoint.", "parallel.backend",
     "parallel.devices", "parallel.shard", "loader.prefetch", "train.skip_with", "train.log_norms",
-    "tracking.",
+    "tracking.", "train.profile_steps", "train.profile_all_processes",
 )
 
 

@@ -48,6 +48,10 @@ class TrainConfig:
     grad_accum: int = 1
     # Log grad_norm (before clipping), param_norm and update_norm on every train point.
     log_norms: bool = True
+    # START:COUNT: a jax.profiler trace of steps START to START+COUNT-1 in WORKDIR/profile/,
+    # on process 0 (on every process with profile_all_processes); "": none.
+    profile_steps: str = ""
+    profile_all_processes: bool = False
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 

@@ -24,8 +24,7 @@ from jaxdist.loop.hooks import Hook, Run
 from jaxdist.loop.metrics import TIMING_KEYS
 from jaxdist.loop.trackers.sender import Sender
 
-# The least time between two requests of a tracker's thread (seconds).
-SEND_EVERY = 1.0
+SEND_EVERY = 1.0  # the least time between two requests of a tracker's thread (seconds)
 # (step, split, values) of one logged point
 Point = tuple[int, str, dict[str, float]]
 
