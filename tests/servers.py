@@ -52,11 +52,12 @@ class LocalServer:
         self.stop()
         raise RuntimeError(f"{self.name} did not answer within {self.start_timeout} s")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """End the server's process group: SIGTERM, then SIGKILL; `kill`: SIGKILL at once."""
         if self.process is None:
             return
         pid = int((self.folder / f"{self.name}.pid").read_text())
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +79,21 @@ def wait_for(condition, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_line(process, text, timeout):
+    """Read `process`'s stdout until a line holds `text`; fail after `timeout` seconds."""
+    seen = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            if text in line:
+                seen.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not seen.wait(timeout):
+        raise AssertionError(f"timed out waiting for {text!r}")
+
+
 def mlflow_steps(server, workdir, key="train/loss"):
     runs = runs_of(server, workdir)
     if not runs:
@@ -144,7 +160,7 @@ def test_a_killed_server_leaves_training_and_metrics_jsonl_intact(tmp_path):
                                                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         wait_for(lambda: 8 in mlflow_steps(server, workdir), 120, "step 8 in MLflow")
     finally:
-        server.stop()
+        server.stop(kill=True)  # at once, as a server that dies
     go.touch()
     out, err = process.communicate(timeout=180)
     assert process.returncode == 0, err[-2000:]
@@ -265,8 +281,7 @@ def test_wandb_offline_holds_every_point_unchanged_across_a_sigkill_and_resume(t
                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: "holding at step 120" in process.stdout.readline(), 120,
-                 "the run to hold at step 120")
+        wait_for_line(process, "holding at step 120", 120)
         time.sleep(2)  # W&B's own process writes what filled its blocks
     finally:
         process.send_signal(signal.SIGKILL)
@@ -298,6 +313,10 @@ def test_of_two_processes_only_process_0_tracks(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((workdir / "wandb").glob("offline-run-*"))) == 1
+    (segment,) = (workdir / "wandb").glob("offline-run-*")
+    saved = segment / "files"  # the workdir's record, saved with the run's files
+    assert not (saved / "metrics.jsonl").is_symlink()  # kept if the workdir is restarted
+    assert (saved / "metrics.jsonl").read_text() == (workdir / "metrics.jsonl").read_text()
+    assert (saved / "config.json").read_text() == (workdir / "config.json").read_text()
     points, _ = wandb_points(workdir, wandb_run_id(workdir))
     assert points == jsonl_points(workdir)

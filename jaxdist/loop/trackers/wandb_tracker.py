@@ -49,7 +49,9 @@ class WandbTracker:
         folder = None
         if context.workdir is not None and not os.environ.get("WANDB_DIR"):
             folder = str(context.workdir)  # its offline runs and logs in WORKDIR/wandb/
-        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)
+        # symlink=False: the saved record is a hard link or a copy, kept after a --restart.
+        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True,
+                                  symlink=False)
         common = dict(project=self.project, entity=self.entity or None, dir=folder,
                       settings=settings)
         if run_id is not None:
@@ -74,9 +76,14 @@ class WandbTracker:
             self.run.log(rows[step], step=step)
 
     def finish(self, status: str, checkpoint: Path | None) -> None:
-        """Name the last checkpoint in the run's summary, and end the W&B run."""
+        """End the W&B run, its summary naming the last checkpoint, its files the record."""
         if checkpoint is not None:
             self.run.summary["jaxdist.checkpoint"] = str(Path(checkpoint).resolve())
+        if self._workdir is not None and status != "FAILED":
+            for name in ("config.json", "metrics.jsonl", "plots/*.png"):
+                if any(self._workdir.glob(name)):
+                    self.run.save(str(self._workdir / name), base_path=str(self._workdir),
+                                  policy="now")
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def _saved_run_id(self) -> str | None:
