@@ -15,16 +15,14 @@ another device count) is logged beside the old one, and said in one line.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from jaxdist.base.files import write_text_atomically
 from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
+from jaxdist.loop.trackers.run_ids import save_run_id, saved_run_id
 
-ID_FILE = Path("tracking") / "mlflow.json"
 # MLflow's limits per log_batch request.
 MAX_PARAMS, MAX_METRICS = 100, 1000
 
@@ -48,7 +46,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.client, self._workdir = MlflowClient(tracking_uri=self.where), context.workdir
-        self.run_id = self._saved_run_id()
+        self.run_id = saved_run_id(self._workdir, "mlflow", {"tracking_uri": self.where})
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "jaxdist.resumed_at", str(context.start_step))
@@ -63,7 +61,7 @@ class MlflowTracker:
                 tags["jaxdist.workdir"] = str(Path(context.workdir).resolve())
             run = self.client.create_run(experiment_id, run_name=context.run_name, tags=tags)
             self.run_id = run.info.run_id
-            self._save_run_id()
+            save_run_id(self._workdir, "mlflow", {"tracking_uri": self.where}, self.run_id)
             params = [Param(key, str(value)[:6000])
                       for key, value in sorted(context.settings.items())]
             for first in range(0, len(params), MAX_PARAMS):
@@ -110,28 +108,6 @@ class MlflowTracker:
             for plot in sorted((self._workdir / "plots").glob("*.png")):
                 self.client.log_artifact(self.run_id, str(plot), artifact_path="plots")
         self.client.set_terminated(self.run_id, status)
-
-    def _saved_run_id(self) -> str | None:
-        """The MLflow run this workdir's run started at this URI, if any."""
-        if self._workdir is None:
-            return None
-        path = self._workdir / ID_FILE
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(saved, dict) or saved.get("tracking_uri") != self.where:
-            return None
-        run_id = saved.get("run_id")
-        return run_id if isinstance(run_id, str) else None
-
-    def _save_run_id(self) -> None:
-        if self._workdir is None:
-            return
-        path = self._workdir / ID_FILE
-        path.parent.mkdir(exist_ok=True)
-        write_text_atomically(path, json.dumps({"tracking_uri": self.where,
-                                                "run_id": self.run_id}) + "\n")
 
     def _history(self) -> dict[tuple[str, int], set[float]]:
         """Every (metric, step) the MLflow run holds, with its values."""

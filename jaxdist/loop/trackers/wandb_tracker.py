@@ -18,15 +18,12 @@ the same way.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from jaxdist.base.files import write_text_atomically
 from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
-
-ID_FILE = Path("tracking") / "wandb.json"
+from jaxdist.loop.trackers.run_ids import save_run_id, saved_run_id
 
 
 class WandbTracker:
@@ -45,7 +42,8 @@ class WandbTracker:
         import wandb
 
         self._workdir = context.workdir
-        run_id = self._saved_run_id()
+        where = {"project": self.project, "entity": self.entity}
+        run_id = saved_run_id(self._workdir, "wandb", where)
         folder = None
         if context.workdir is not None and not os.environ.get("WANDB_DIR"):
             folder = str(context.workdir)  # its offline runs and logs in WORKDIR/wandb/
@@ -61,7 +59,7 @@ class WandbTracker:
             if context.workdir is not None:
                 config["jaxdist.workdir"] = str(Path(context.workdir).resolve())
             self.run = wandb.init(name=context.run_name, config=config, **common)
-            self._save_run_id()
+            save_run_id(self._workdir, "wandb", where, self.run.id)
         self.log([(record["step"], record["split"], tracked_values(  # the earlier points
             {k: v for k, v in record.items() if k not in ("step", "split") and v is not None}))
             for record in context.records])
@@ -85,25 +83,3 @@ class WandbTracker:
                     self.run.save(str(self._workdir / name), base_path=str(self._workdir),
                                   policy="now")
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
-
-    def _saved_run_id(self) -> str | None:
-        """The W&B run of this project that the workdir's run started, if any."""
-        if self._workdir is None:
-            return None
-        try:
-            saved = json.loads((self._workdir / ID_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        if (not isinstance(saved, dict) or saved.get("project") != self.project
-                or saved.get("entity") != self.entity):
-            return None
-        run_id = saved.get("run_id")
-        return run_id if isinstance(run_id, str) else None
-
-    def _save_run_id(self) -> None:
-        if self._workdir is None:
-            return
-        path = self._workdir / ID_FILE
-        path.parent.mkdir(exist_ok=True)
-        write_text_atomically(path, json.dumps({"project": self.project, "entity": self.entity,
-                                                "run_id": self.run.id}) + "\n")
