@@ -8,15 +8,19 @@ waits only for the host copy. Prints each time, their medians, and the sha256 pa
 one checkpoint's files on its own.
 
     python scripts/bench_checkpoint.py [--size gpt2] [--saves 3] [--folder DIR]
+
+Without `--folder` it writes to a new temporary folder and removes it at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,9 +38,6 @@ def main() -> None:
     import numpy as np
 
     import jaxdist
-    from jaxdist.checkpoints.integrity import checkpoint_files, sha256_file
-    from jaxdist.checkpoints.saving import CheckpointWriter
-    from jaxdist.checkpoints.store import CheckpointStore
     from jaxdist.loop.start import initial_state
     from jaxdist.step.optimizers import build_optimizer
 
@@ -47,6 +48,20 @@ def main() -> None:
     params = sum(np.size(x) for x in jax.tree.leaves(state.params))
     size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bench_checkpoint-"))
+    try:
+        measure(args, state, params, size, folder)
+    finally:
+        if args.folder is None:  # a GiB of checkpoints per save: never left in /tmp
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, state: Any, params: int, size: int,
+            folder: Path) -> None:
+    """Time the saves of `state` into `folder` and print the table."""
+    from jaxdist.checkpoints.integrity import checkpoint_files, sha256_file
+    from jaxdist.checkpoints.saving import CheckpointWriter
+    from jaxdist.checkpoints.store import CheckpointStore
+
     print(f"gpt_lm {args.size}: {params:,} parameters, train state {size / 2**30:.2f} GiB "
           f"(AdamW); writing to {folder}")
 

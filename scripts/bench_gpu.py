@@ -28,7 +28,8 @@ A call runs the yardstick, then as many variants as its budget allows, in the or
 those it had no time for are listed as skipped, and `--only NAME ...` runs them in a
 second call (with the yardstick again, so that every ratio is taken within one call).
 
-Writes `$OUT/bench_gpu.json` (or `--out`) and prints a table.
+Writes `$OUT/bench_gpu.json` (or `--out`; without either, one in a new temporary folder,
+whose path it prints) and prints a table.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these jaxdist variants (by name)")
     parser.add_argument("--out", default=None,
-                        help="JSON path (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
+                        help="JSON path (default $OUT/bench_gpu.json, else one in a new temporary "
+                             "folder)")
     return parser.parse_args()
 
 
@@ -254,12 +256,18 @@ def print_table(report: dict) -> None:
               f"{second.get('programs_reused')} program(s) from the compilation cache")
 
 
+def default_out(environ: dict[str, str]) -> Path:
+    """`$OUT/bench_gpu.json`, or (no $OUT) one in a new temporary folder, never the checkout."""
+    folder = environ.get("OUT") or tempfile.mkdtemp(prefix="bench_gpu-out-")
+    return Path(folder) / "bench_gpu.json"
+
+
 def main() -> None:
     args = parse_args()
     budget = Budget(args.budget)
     batch = args.batch or (4 if args.smoke else 16)
     steps = args.steps or (60 if args.smoke else 180)
-    out = Path(args.out or Path(os.environ.get("OUT", ".")) / "bench_gpu.json")
+    out = Path(args.out) if args.out else default_out(os.environ)
     out.parent.mkdir(parents=True, exist_ok=True)
     shape = model_shape(args.smoke, batch)
     work = Path(tempfile.mkdtemp(prefix="bench_gpu-"))

@@ -46,3 +46,11 @@ def test_the_command_it_runs_trains_and_its_figures_are_read(bench, tmp_path):
     assert figures["first_step_s"] > 0 and figures["programs_compiled"] >= 1
     assert figures["checkpoint_background"] is True and figures["checkpoint_write_s"] >= 0
     assert 0 <= figures["checkpoint_share"] < 1
+
+
+def test_without_out_it_writes_outside_the_checkout(bench):
+    assert bench.default_out({"OUT": "/x"}) == Path("/x/bench_gpu.json")
+    elsewhere = bench.default_out({})
+    assert elsewhere.name == "bench_gpu.json" and not elsewhere.is_relative_to(ROOT)
+    assert elsewhere.parent.is_dir()
+    elsewhere.parent.rmdir()

@@ -53,7 +53,9 @@ def select_devices(count: int = 0) -> list[jax.Device]:
         raise UserError(
             f"parallel.devices={count} but only {len(devices)} "
             f"{devices[0].platform} device(s) are available; use parallel.devices=all or <= "
-            f"{len(devices)}")
+            f"{len(devices)}" + (f", or split the CPU into {count} devices with --cpu-devices "
+                                 f"{count} (jaxdist.use_cpu_devices({count}) in Python)"
+                                 if devices[0].platform == "cpu" else ""))
     return devices[:count]
 
 

@@ -31,7 +31,10 @@ def leaf_keys(config: Any, prefix: str = "") -> list[str]:
 
 
 def describe_keys(config: Any, prefix: str = "") -> list[str]:
-    """One line per overridable key: `key  type  default` (for `EXPERIMENT --help`)."""
+    """One line per overridable key: `key  type  default` (for `EXPERIMENT --help`).
+
+    A default that an alias names (`parallel.devices` 0) is shown by the alias (`all`).
+    """
     lines = []
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
@@ -39,8 +42,9 @@ def describe_keys(config: Any, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             lines.extend(describe_keys(value, key + "."))
         elif value is not None:
-            lines.append(f"{key:36s} {_type_name(hints[f.name], f.metadata.get(ALIASES)):28s} "
-                         f"{value}")
+            aliases = f.metadata.get(ALIASES) or {}
+            shown = next((word for word, meant in aliases.items() if meant == value), value)
+            lines.append(f"{key:36s} {_type_name(hints[f.name], aliases or None):28s} {shown}")
     return lines
 
 

@@ -97,8 +97,8 @@ class TrackerHook(Hook):
 
     def after_log(self, run: Run, split: str, values: dict[str, float]) -> None:
         """Queue the point for the tracker; its thread sends it within `send_every` s."""
-        if self._sender is None:
-            return
+        if self._sender is None or self._sender.failed is not None:
+            return  # a tracker given up keeps nothing more
         with self._lock:
             self._points.append((run.step, split, tracked_values(values)))
             if self._send_queued:

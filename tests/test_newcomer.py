@@ -1,0 +1,63 @@
+"""What a newcomer meets first: the help's defaults, the console script, the errors' hints,
+and scripts that leave nothing behind (issue 27, item 7)."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from jaxdist.base.config import Config, describe_keys
+from jaxdist.base.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def help_line(key):
+    (line,) = [line for line in describe_keys(Config()) if line.split()[0] == key]
+    return line
+
+
+def test_the_help_shows_a_default_by_the_word_the_readme_uses():
+    assert help_line("parallel.devices").split()[-1] == "all"  # not 0
+    assert help_line("train.batch_size").split()[-1] == "full"
+    assert help_line("train.steps").split()[-1] == "100"  # no alias: the value
+
+
+def test_asking_for_more_cpu_devices_than_there_are_names_cpu_devices():
+    from jaxdist.parallel.devices import select_devices
+
+    with pytest.raises(UserError, match=r"--cpu-devices 16"):
+        select_devices(16)  # the tests have 8 CPU devices
+
+
+@pytest.mark.slow
+def test_the_jaxdist_console_script_is_the_command_line():
+    script = Path(sysconfig.get_path("scripts")) / "jaxdist"
+    shown = subprocess.run([str(script), "--list"], capture_output=True, text=True, timeout=120)
+    module = subprocess.run([sys.executable, "-m", "jaxdist.run", "--list"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout == module.stdout
+    assert "linear_regression" in shown.stdout
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_leaves_nothing_in_the_temporary_folder(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/bench_checkpoint.py", "--size", "tiny",
+                           "--saves", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "background: the whole save" in done.stdout
+    assert not list(tmp_path.glob("bench_checkpoint-*"))
+
+
+def test_train_points_count_nonfinite_steps_and_eval_points_have_none(tmp_path):
+    from jaxdist import fit
+    from tests.toy import mlp_experiment, toy_config
+
+    records = fit(mlp_experiment(), toy_config(steps=4, log_every=2), None, stream=None).records
+    assert all("nonfinite_steps" in r and "lr" in r for r in records if r["split"] == "train")
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals and all("nonfinite_steps" not in r and "lr" not in r for r in evals)
