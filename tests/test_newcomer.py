@@ -1,6 +1,7 @@
 """What a newcomer meets first: the help's defaults, the console script, the errors' hints,
 and scripts that leave nothing behind (issue 27, item 7)."""
 
+import io
 import os
 import subprocess
 import sys
@@ -61,3 +62,43 @@ def test_train_points_count_nonfinite_steps_and_eval_points_have_none(tmp_path):
     assert all("nonfinite_steps" in r and "lr" in r for r in records if r["split"] == "train")
     evals = [r for r in records if r["split"] == "eval"]
     assert evals and all("nonfinite_steps" not in r and "lr" not in r for r in evals)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def logged_screen(points):
+    """What a terminal shows of a 4-step run logging `points` at steps 2 and 4."""
+    from jaxdist.loop.metrics import MetricsLogger
+
+    terminal = Terminal()
+    logger = MetricsLogger(None, terminal, total_steps=4)
+    logger.start_progress(0)
+    logger.progress.note("compiling the first step")
+    for step in range(1, 5):
+        logger.advance()
+        if step == 1:
+            logger.progress.note("")
+        if step % 2 == 0:
+            logger.log(step, "train", points(step))
+    logger.close()
+    return terminal.getvalue()
+
+
+def test_the_bar_says_it_compiles_until_the_first_step_and_ends_on_the_last_loss():
+    screen = logged_screen(lambda step: {"loss": 1.0 / step, "examples": 8.0})
+    before_first = screen.split("1/4")[0]
+    assert "compiling the first step" in before_first
+    final = screen.rsplit("\r", 1)[-1]  # the bar as the run left it
+    assert "4/4" in final and "loss=0.25" in final  # step 4's loss, not step 2's
+
+
+def test_a_long_point_is_wrapped_to_the_terminal_not_cut_or_left_to_wrap():
+    values = {f"metric_{i}": 0.123456 * i for i in range(20)}
+    screen = logged_screen(lambda step: dict(values, loss=1.0))
+    lines = [line for line in screen.replace("\r", "\n").splitlines() if "metric_" in line]
+    assert len(lines) >= 4 and all(len(line) <= 100 for line in lines)  # FALLBACK_SIZE
+    shown = " ".join(lines)
+    assert all(f"metric_{i} " in shown for i in range(20))  # nothing cut

@@ -41,14 +41,18 @@ class ShowProgress(Hook):
     """The live progress line, and how long the first step took (compiling included)."""
 
     def on_start(self, run: Run) -> None:
-        """Start timing the first step and show the progress line."""
+        """Start timing the first step and show the progress line (saying it compiles)."""
         self._first_step = FirstStepTimer()
         run.logger.start_progress(run.step)
+        if run.logger.progress is not None:
+            run.logger.progress.note("compiling the first step")
 
     def after_step(self, run: Run, sums: dict[str, jax.Array]) -> None:
         """Count the step (reporting the first one)."""
         if self._first_step.pending:
             run.logger.say(self._first_step.report(sums))
+            if run.logger.progress is not None:
+                run.logger.progress.note("")
         run.logger.advance()
 
 

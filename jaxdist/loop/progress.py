@@ -42,8 +42,8 @@ class Progress:
         self._bar.update(1)
 
     def show(self, line: str, split: str, values: dict[str, float]) -> None:
-        """Print a logged point above the bar; a train point's loss goes on the bar."""
-        self._bar.write(line, file=self._bar.fp)
+        """Print a logged point above the bar; a train point's loss goes on the bar at once."""
+        self.write(line)
         if split != "train":
             return
         postfix = {}
@@ -52,15 +52,38 @@ class Progress:
         if "examples_per_sec" in values:
             postfix["ex/s"] = f"{values['examples_per_sec']:.0f}"
         if postfix:
-            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.set_postfix(postfix)
+
+    def note(self, text: str) -> None:
+        """Show `text` after the bar (e.g. while the first step compiles); "" clears it."""
+        self._bar.set_postfix_str(text)
 
     def write(self, line: str) -> None:
-        """Print a line above the bar."""
-        self._bar.write(line, file=self._bar.fp)
+        """Print a line above the bar, wrapped at its fields to the terminal's width."""
+        for part in wrap_fields(line, self._bar.ncols or FALLBACK_SIZE["ncols"]):
+            self._bar.write(part, file=self._bar.fp)
 
     def close(self) -> None:
         """End the bar."""
         self._bar.close()
+
+
+def wrap_fields(line: str, width: int, indent: str = "    ") -> list[str]:
+    """`line` cut into lines of at most `width` characters between its fields.
+
+    A logged point's fields are separated by two spaces; a field is never cut, and the
+    lines after the first are indented. A field longer than a line stands alone.
+    """
+    fields = line.split("  ")
+    lines, current = [], fields[0]
+    for field in fields[1:]:
+        if len(current) + 2 + len(field) <= width:
+            current += "  " + field
+        else:
+            lines.append(current)
+            current = indent + field
+    lines.append(current)
+    return lines
 
 
 def in_notebook(stream: TextIO) -> bool:
@@ -77,11 +100,11 @@ class NotebookProgress(Progress):
         self._bar = auto_tqdm(total=total, initial=initial, unit="step", smoothing=0.1)
 
     def write(self, line: str) -> None:
-        """Print a line above the bar (in the cell's output)."""
+        """Print a line above the bar (in the cell's output, which wraps it itself)."""
         self._bar.write(line)
 
     def show(self, line: str, split: str, values: dict[str, float]) -> None:
-        """Print a logged point; a train point's loss goes on the bar."""
+        """Print a logged point; a train point's loss goes on the bar at once."""
         self.write(line)
         if split == "train" and "loss" in values:
-            self._bar.set_postfix({"loss": f"{values['loss']:.4g}"}, refresh=False)
+            self._bar.set_postfix({"loss": f"{values['loss']:.4g}"})
