@@ -112,6 +112,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.help and not args.experiment:
         parser.print_help()
         return 0
+    from jaxdist.base.config import check_core_overrides
+
+    check_core_overrides(args.overrides)  # before the experiment's imports: a typo at once
     if args.cpu_devices is not None:
         from jaxdist.parallel.devices import use_cpu_devices
 

@@ -102,3 +102,29 @@ def test_a_long_point_is_wrapped_to_the_terminal_not_cut_or_left_to_wrap():
     assert len(lines) >= 4 and all(len(line) <= 100 for line in lines)  # FALLBACK_SIZE
     shown = " ".join(lines)
     assert all(f"metric_{i} " in shown for i in range(20))  # nothing cut
+
+
+# The command line in a process where importing jax, jaxlib or flax raises.
+NO_JAX = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax"):
+            raise ImportError(f"the test forbids importing {name} here")
+sys.meta_path.insert(0, Refuse())
+from jaxdist.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("override, told", [
+    ("train.stpes=10", "unknown config key 'train.stpes'; did you mean train.steps?"),
+    ("parallel.backend=pmapp", "parallel.backend=pmapp is not allowed"),
+    ("train.steps=ten", "train.steps=ten is not an integer"),
+])
+def test_a_core_config_error_is_told_before_jax_is_imported(override, told):
+    done = subprocess.run([sys.executable, "-c", NO_JAX, "digits_cnn", override], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]  # importing jax would have raised
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {told}")

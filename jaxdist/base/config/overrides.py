@@ -81,6 +81,26 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+def check_core_overrides(overrides: list[str]) -> None:
+    """Refuse (one line) an override of a core section whose key or value cannot be.
+
+    The command line calls this before it imports the experiment (which imports jax and
+    its model library: seconds): a typo such as `train.stpes=10` is told at once. Only
+    each key and its value's type are checked here, against the core sections' fields;
+    `model.` and `data.` keys, and the checks of values against each other, wait for the
+    experiment's config (`apply_overrides`).
+    """
+    from jaxdist.base.config.sections import Config
+
+    config = Config()
+    core = {f.name for f in dataclasses.fields(config)} - {"model", "data"}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if sep and key.split(".")[0] in core:
+            _set_leaf(config, key, raw.strip())
+
+
 def deep_copy(config: Any) -> Any:
     """A copy of a config tree whose sections are copies too."""
     if not dataclasses.is_dataclass(config):
