@@ -24,6 +24,7 @@ Result:    measured 2026-11-27, 2-core CPU, 8 fake devices:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import jax
@@ -105,11 +106,15 @@ def table(cpu_devices: int = 8) -> list[tuple[str, dict]]:
     from jaxdist.loop.fit import fit
 
     rows = []
-    for name, overrides in [("plain", []),
-                            ("class-weighted loss", ["model.class_weighting=true"]),
-                            ("balanced sampling", ["loader.sampling=balanced"])]:
+    variants = [("plain", []), ("class-weighted loss", ["model.class_weighting=true"]),
+                ("balanced sampling", ["loader.sampling=balanced"])]
+    for number, (name, overrides) in enumerate(variants, 1):
         cfg = apply_overrides(config(), overrides)
+        print(f"training {number}/{len(variants)}, {name}: {cfg.train.steps} steps ...",
+              flush=True)  # each takes a minute or more on a CPU: say what is going on
+        started = time.perf_counter()
         result = fit(build(cfg), cfg, stream=None)
+        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
         rows.append((name, result.last("eval")))
     print(f"{'training':24s} {'accuracy':>9s} " + " ".join(f"{'recall_' + str(c):>9s}"
                                                           for c in MINORITY))

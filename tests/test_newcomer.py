@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,19 @@ def test_a_core_config_error_is_told_before_jax_is_imported(override, told):
     assert done.returncode == 2, done.stderr[-2000:]  # importing jax would have raised
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {told}")
+
+
+@pytest.mark.slow
+def test_the_imbalanced_table_says_what_it_trains_before_it_trains():
+    process = subprocess.Popen([sys.executable, "-m", "experiments.digits_imbalanced"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = threading.Timer(120, process.kill)  # a silent process fails, not hangs
+    deadline.start()
+    try:
+        first = process.stdout.readline()
+    finally:
+        deadline.cancel()
+        process.kill()
+        process.wait(timeout=30)
+    assert first.startswith("training 1/3, plain: ")
