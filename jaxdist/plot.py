@@ -76,29 +76,86 @@ def _literal(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def never_changed(curve: dict[str, list[tuple[int, float]]]) -> bool:
+    """Whether every value of a metric, in every split, is the same (a flat line)."""
+    values = {value for points in curve.values() for _, value in points}
+    return len(values) <= 1
+
+
+def schedule_curve(workdir: Path) -> tuple[list[int], list[float]] | None:
+    """The learning rate of each step's update, from the run's `config.json` (None if none).
+
+    Step `s` (as logged) applied update `s - 1` of the optimizer's schedule, so the logged
+    `lr` points lie on this curve.
+    """
+    import dataclasses
+
+    from jaxdist.base.config import OptimizerConfig
+    from jaxdist.base.schema import load_json
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    saved = load_json(path, dict, FIX)
+    names = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    try:
+        optimizer = OptimizerConfig(**{k: v for k, v in saved["optimizer"].items()
+                                       if k in names})
+        steps = int(saved["train"]["steps"])
+        import jax
+        import numpy as np
+
+        from jaxdist.step.optimizers import build_schedule
+
+        rates = jax.vmap(build_schedule(optimizer))(np.arange(steps))
+    except (KeyError, TypeError, ValueError):
+        return None  # a config.json of another form: the logged points alone
+    return list(range(1, steps + 1)), [float(rate) for rate in np.asarray(rates)]
+
+
 def plot(workdir: Path) -> list[Path]:
-    """Write one PNG per metric to `WORKDIR/plots/`; return their paths."""
+    """Write one PNG per metric to `WORKDIR/plots/`; return their paths.
+
+    A metric that never changed (a count of non-finite steps that stayed 0) gets no
+    picture; windows that held non-finite steps are marked on the loss's. The loss's
+    picture also draws the train `cross_entropy` where the experiment logs one (its train
+    loss may hold label smoothing, which the eval loss does not), and the learning rate's
+    draws the schedule over every step, with the logged points on it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     curves = read_curves(workdir)
     out = output_folder(workdir, "plots")
     stems = file_stems(list(curves))
     written = []
     for name in sorted(curves, key=lambda n: (n != "loss", n)):
+        if name != "loss" and never_changed(curves[name]):
+            continue
         label = _literal(name)
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        if name == "lr":
+            curve = schedule_curve(workdir)
+            if curve is not None:
+                ax.plot(*curve, label="schedule", color="0.6")
         for split, points in sorted(curves[name].items(), reverse=True):  # train, then eval
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, marker="o" if split == "eval" else None,
-                    markersize=3, label=_literal(split))
+            ax.plot(steps, values, marker="o" if split == "eval" or name == "lr" else None,
+                    markersize=3, label="logged" if name == "lr" else _literal(split),
+                    linestyle="none" if name == "lr" else "-")
+        if name == "loss":
+            _loss_companions(ax, curves)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"{_literal(Path(workdir).name)}: {label}")
         if name == "loss" and all(v > 0 for pts in curves[name].values() for _, v in pts):
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -109,6 +166,21 @@ def plot(workdir: Path) -> list[Path]:
         finally:
             plt.close(fig)
     return written
+
+
+def _loss_companions(ax, curves: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
+    """On the loss's picture: the train cross-entropy, and windows with non-finite steps."""
+    train_ce = curves.get("cross_entropy", {}).get("train")
+    if train_ce:
+        steps, values = zip(*train_ce, strict=True)
+        ax.plot(steps, values, linestyle="--", label="train cross_entropy")
+    losses = dict(curves["loss"].get("train", []))
+    bad = [(step, losses[step]) for step, count in curves.get("nonfinite_steps", {}).get(
+        "train", []) if count and step in losses]
+    if bad:
+        steps, values = zip(*bad, strict=True)
+        ax.scatter(steps, values, marker="x", color="red", zorder=3,
+                   label="window with non-finite steps")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,19 @@ def test_plot_writes_a_png_per_metric(tmp_path):
     assert {p.name for p in written} >= {"loss.png", "abs_error.png"}
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert "nonfinite_steps.png" not in {p.name for p in written}  # 0 throughout: no picture
     missing = subprocess.run([sys.executable, "-m", "jaxdist.plot", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_the_learning_rate_is_drawn_from_the_schedule_the_logged_points_lie_on(tmp_path):
+    from jaxdist.plot import schedule_curve
+
+    config = toy_config(steps=12, log_every=3)
+    config.optimizer.schedule, config.optimizer.warmup_steps = "warmup_cosine", 4
+    result = fit(mlp_experiment(), config, tmp_path / "run", stream=None)
+    steps, rates = schedule_curve(tmp_path / "run")
+    assert steps == list(range(1, 13)) and rates[0] == 0.0 and max(rates) > rates[-1]
+    logged = {r["step"]: r["lr"] for r in result.records if r["split"] == "train"}
+    assert logged and all(rates[step - 1] == lr for step, lr in logged.items())
