@@ -223,8 +223,8 @@ def test_plot_keeps_every_file_inside_the_plots_folder(tmp_path, capsys):
     workdir = write_metrics(tmp_path / "deep" / "er" / "run", [
         point(1, **{"../../../x": 1.0, "top/1": 0.5, "top_1": 0.25, ".": 1, "..": 2, "": 3,
                     MATH: 4}),
-        point(2, **{"../../../x": 2.0, "top/1": 0.6, "top_1": 0.35, ".": 1, "..": 2, "": 3,
-                    MATH: 5})])
+        point(2, **{"../../../x": 2.0, "top/1": 0.6, "top_1": 0.35, ".": 1.5, "..": 2.5,
+                    "": 3.5, MATH: 5})])  # each changes: a flat metric gets no picture
     written = plotted(capsys, workdir)
     plots = (workdir / "plots").resolve()
     assert len(written) == 8 and len({p.name for p in written}) == 8  # none overwrote another
