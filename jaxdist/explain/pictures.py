@@ -37,7 +37,11 @@ def images(inputs: np.ndarray, attributions: np.ndarray, predictions: np.ndarray
     """A grid: for each example, the input and its attribution map."""
     plt = _pyplot()
     count = min(len(inputs), MAX_IMAGES)
-    fig, axes = plt.subplots(2, count, figsize=(1.8 * count, 4.0), squeeze=False)
+    fig, axes = plt.subplots(2, count, figsize=(1.8 * count + 1.0, 4.0), squeeze=False)
+    # One colour scale for every map, so that their strengths compare, shown by the colour bar.
+    heats = [np.asarray(attributions[i], np.float32) for i in range(count)]
+    heats = [heat.sum(axis=-1) if heat.ndim == 3 else heat for heat in heats]
+    limit = max(max(float(np.abs(heat).max()) for heat in heats), 1e-12)
     for i in range(count):
         image = np.asarray(inputs[i], np.float32)
         if image.ndim == 3 and image.shape[-1] == 3:
@@ -45,11 +49,7 @@ def images(inputs: np.ndarray, attributions: np.ndarray, predictions: np.ndarray
             axes[0, i].imshow(shown)
         else:
             axes[0, i].imshow(image.reshape(image.shape[:2]), cmap="gray")
-        heat = np.asarray(attributions[i], np.float32)
-        if heat.ndim == 3:
-            heat = heat.sum(axis=-1)
-        limit = max(float(np.abs(heat).max()), 1e-12)
-        axes[1, i].imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        shown_heat = axes[1, i].imshow(heats[i], cmap="RdBu_r", vmin=-limit, vmax=limit)
         axes[0, i].set_title(_class_title(predictions[i], None if labels is None
                                           else labels[i]), fontsize=8)
         for ax in axes[:, i]:
@@ -59,7 +59,10 @@ def images(inputs: np.ndarray, attributions: np.ndarray, predictions: np.ndarray
     axes[1, 0].set_ylabel("attribution")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    bar = fig.colorbar(shown_heat, ax=list(axes[1]), fraction=0.02, pad=0.01)
+    bar.set_label("attribution (red > 0 > blue)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # the bar's label inside the picture
     plt.close(fig)
     return path
 
