@@ -15,6 +15,7 @@ import pytest
 from jaxdist import fit
 from jaxdist.base.errors import UserError
 from jaxdist.base.records import read_records
+from jaxdist.loop.hooks import Hook
 from jaxdist.loop.trackers.sender import Sender
 from tests.servers import MlflowServer, free_port
 from tests.toy import mlp_experiment, toy_config
@@ -320,3 +321,40 @@ def test_of_two_processes_only_process_0_tracks(tmp_path):
     assert (saved / "config.json").read_text() == (workdir / "config.json").read_text()
     points, _ = wandb_points(workdir, wandb_run_id(workdir))
     assert points == jsonl_points(workdir)
+
+
+class CrashAt(Hook):
+    """Raises after the train point of `step` is logged (a crash the run does not survive)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_log(self, run, split, values):
+        if split == "train" and run.step == self.step:
+            raise RuntimeError("crash for the test")
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_value_keeps_both_in_mlflow_and_says_so(server, tmp_path,
+                                                                      capfd):
+    workdir = tmp_path / "run"
+    config = tracked_config(f"tracking.mlflow={server.uri}")
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        fit(mlp_experiment(), config, workdir, stream=None, hooks=[CrashAt(10)])
+    (crashed,) = runs_of(server, workdir)
+    assert crashed.info.status == "FAILED"
+    config.optimizer.learning_rate *= 2  # a resume that changes the run on purpose
+    fit(mlp_experiment(), config, workdir, stream=None,
+        allow_changes=["optimizer.learning_rate"])
+    (run,) = runs_of(server, workdir)
+    assert run.info.run_id == crashed.info.run_id
+    history = client_of(server).get_metric_history(run.info.run_id, "train/loss")
+    by_step = {}
+    for point in history:
+        by_step.setdefault(point.step, []).append(point.value)
+    logged = jsonl_points(workdir)["train/loss"]
+    assert [len(by_step[s]) for s in (8, 10)] == [2, 2]  # the crashed run's and this one's
+    assert all(logged[s] in by_step[s] for s in (8, 10))
+    assert all(len(by_step[s]) == 1 for s in by_step if s not in (8, 10))
+    said = [line for line in capfd.readouterr().err.splitlines() if "already holds" in line]
+    assert len(said) == 1 and "MLflow cannot delete a point, so it keeps both" in said[0]
