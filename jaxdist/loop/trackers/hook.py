@@ -38,7 +38,7 @@ class RunContext:
     workdir: Path | None
     run_name: str | None
     start_step: int  # 0, or the step the run resumes from
-    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl up to it
+    earlier: list[Point] = field(default_factory=list)  # metrics.jsonl's points up to it
 
 
 class Tracker(Protocol):
@@ -90,8 +90,10 @@ class TrackerHook(Hook):
         workdir = run.logger.workdir
         settings = flatten(to_dict(run.config))
         name = t.run_name or (workdir.name if workdir is not None else None)
-        context = RunContext(self.experiment, settings, workdir, name, run.step,
-                             list(run.logger.records))
+        earlier = [(r["step"], r["split"], tracked_values(
+            {k: v for k, v in r.items() if k not in ("step", "split") and v is not None}))
+            for r in run.logger.records]
+        context = RunContext(self.experiment, settings, workdir, name, run.step, earlier)
         self._sender = Sender(self.tracker.name, self.tracker.where)
         self._sender.submit(partial(self.tracker.open, context))
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
+from jaxdist.loop.trackers.hook import Point, RunContext
 from jaxdist.loop.trackers.run_ids import save_run_id, saved_run_id
 
 # MLflow's limits per log_batch request.
@@ -66,9 +66,7 @@ class MlflowTracker:
                       for key, value in sorted(context.settings.items())]
             for first in range(0, len(params), MAX_PARAMS):
                 self.client.log_batch(self.run_id, params=params[first:first + MAX_PARAMS])
-        self.log([(record["step"], record["split"], tracked_values(  # what MLflow may lack
-            {k: v for k, v in record.items() if k not in ("step", "split") and v is not None}))
-            for record in context.records])
+        self.log(context.earlier)  # what MLflow may lack
 
     def log(self, points: list[Point]) -> None:
         """Send the points' values that MLflow does not already hold at their steps."""

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxdist.loop.trackers.hook import Point, RunContext, tracked_values
+from jaxdist.loop.trackers.hook import Point, RunContext
 from jaxdist.loop.trackers.run_ids import save_run_id, saved_run_id
 
 
@@ -60,9 +60,7 @@ class WandbTracker:
                 config["jaxdist.workdir"] = str(Path(context.workdir).resolve())
             self.run = wandb.init(name=context.run_name, config=config, **common)
             save_run_id(self._workdir, "wandb", where, self.run.id)
-        self.log([(record["step"], record["split"], tracked_values(  # the earlier points
-            {k: v for k, v in record.items() if k not in ("step", "split") and v is not None}))
-            for record in context.records])
+        self.log(context.earlier)  # the earlier points
 
     def log(self, points: list[Point]) -> None:
         """Log the points at their steps, one W&B row per step."""
